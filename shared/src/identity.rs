@@ -226,6 +226,12 @@ pub struct CertInfo {
     pub is_ca: bool,
     /// Extended key usages present ("serverAuth", "clientAuth").
     pub usages: Vec<&'static str>,
+    /// The public key algorithm ("ECDSA P-256", "Ed25519", or the OID).
+    pub key_algorithm: String,
+    /// Authority key identifier, hex (which CA key signed it), when present.
+    pub authority_key_id: Option<String>,
+    /// Subject key identifier, hex, when present.
+    pub subject_key_id: Option<String>,
 }
 
 impl CertInfo {
@@ -245,6 +251,9 @@ impl CertInfo {
             not_after: cert.validity().not_after.to_datetime(),
             is_ca: cert.is_ca(),
             usages: Vec::new(),
+            key_algorithm: key_algorithm(&cert),
+            authority_key_id: None,
+            subject_key_id: None,
         };
         for ext in cert.extensions() {
             match ext.parsed_extension() {
@@ -261,6 +270,12 @@ impl CertInfo {
                             _ => {}
                         }
                     }
+                }
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    info.authority_key_id = aki.key_identifier.as_ref().map(|k| hex(k.0));
+                }
+                ParsedExtension::SubjectKeyIdentifier(ski) => {
+                    info.subject_key_id = Some(hex(ski.0));
                 }
                 ParsedExtension::ExtendedKeyUsage(eku) => {
                     if eku.server_auth {
@@ -310,7 +325,8 @@ impl CertInfo {
         } else if now < self.not_before {
             Expiry::NotYetValid
         } else {
-            let days = (self.not_after - now).whole_days();
+            // Round up: a certificate issued for 10 days shows "10 days left".
+            let days = ((self.not_after - now).whole_seconds() + 86_399) / 86_400;
             if days < EXPIRY_WARNING_DAYS {
                 Expiry::Soon { days }
             } else {
@@ -383,6 +399,30 @@ pub fn serial_bytes(serial: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&norm[i..i + 2], 16).ok())
         .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn key_algorithm(cert: &X509Certificate<'_>) -> String {
+    const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+    const P256: &str = "1.2.840.10045.3.1.7";
+    const ED25519: &str = "1.3.101.112";
+    let spki = cert.public_key();
+    let alg = spki.algorithm.algorithm.to_id_string();
+    let param = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    match (alg.as_str(), param.as_deref()) {
+        (ED25519, _) => "Ed25519".into(),
+        (EC_PUBLIC_KEY, Some(P256)) => "ECDSA P-256".into(),
+        (EC_PUBLIC_KEY, Some(curve)) => format!("ECDSA ({curve})"),
+        (other, _) => other.to_owned(),
+    }
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {

@@ -102,6 +102,9 @@ pub enum PkiError {
     /// rcgen refused to build the certificate or CRL.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A serial number that is not hex.
+    #[error("{0:?} is not a serial number (expected hex digits)")]
+    BadSerial(String),
     /// The system random number generator failed.
     #[error("system random number generator failed")]
     Random,
@@ -343,15 +346,17 @@ impl Ca {
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()
-                .map(|r| RevokedCertParams {
-                    serial_number: SerialNumber::from(
-                        crate::identity::serial_bytes(&r.serial).unwrap_or_default(),
-                    ),
-                    revocation_time: r.revoked_at,
-                    reason_code: None,
-                    invalidity_date: None,
+                .map(|r| {
+                    let serial = crate::identity::serial_bytes(&r.serial)
+                        .ok_or_else(|| PkiError::BadSerial(r.serial.clone()))?;
+                    Ok(RevokedCertParams {
+                        serial_number: SerialNumber::from(serial),
+                        revocation_time: r.revoked_at,
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, PkiError>>()?,
             key_identifier_method: KeyIdMethod::Sha256,
         };
         Ok(params.signed_by(&self.issuer()?)?.pem()?)
@@ -615,7 +620,12 @@ pub fn ensure_local_pki(
         ca.write(dir, false)?;
         (ca, true)
     };
-    if created || !paths.cert.exists() || !paths.key.exists() {
+    // Reissue when missing, or when the node was renamed since it was made.
+    let current_name = fs::read(&paths.cert).ok().and_then(|pem| {
+        let der = CertificateDer::from_pem_slice(&pem).ok()?;
+        Some(CertInfo::from_der(&der).ok()?.identity().ok()?.name.clone())
+    });
+    if created || !paths.key.exists() || current_name.as_deref() != Some(node_name) {
         let mut req = LeafRequest::new(&ca, Role::Core, node_name, DEFAULT_LEAF_DAYS)?;
         req.dns = vec!["localhost".into()];
         req.ips = vec![
@@ -772,5 +782,14 @@ mod tests {
             ensure_local_pki(dir.path(), "other", "node-1", &[]),
             Err(PkiError::Invalid { .. })
         ));
+        // A renamed node gets a certificate with its new name from the same CA.
+        let renamed = ensure_local_pki(dir.path(), "local", "node-9", &[]).unwrap();
+        assert!(!renamed.created);
+        let der = CertificateDer::from_pem_slice(&fs::read(&renamed.cert).unwrap()).unwrap();
+        assert_eq!(
+            CertInfo::from_der(&der).unwrap().identity().unwrap().name,
+            "node-9"
+        );
+        assert_eq!(fs::read(&renamed.ca).unwrap(), ca_before);
     }
 }

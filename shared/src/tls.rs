@@ -107,6 +107,19 @@ pub struct TlsFiles {
     pub crl: Option<PathBuf>,
 }
 
+impl TlsFiles {
+    /// `--ca`, `--cert`, `--key`, plus the CRL `crl.pem` beside the CA file when
+    /// one is there (where `pki revoke` writes it and operators copy it).
+    pub fn new(ca: impl Into<PathBuf>, cert: Option<PathBuf>, key: Option<PathBuf>) -> Self {
+        let ca = ca.into();
+        let crl = ca
+            .parent()
+            .map(|d| d.join(crate::pki::CRL_FILE))
+            .filter(|p| p.is_file());
+        TlsFiles { ca, cert, key, crl }
+    }
+}
+
 /// Parsed TLS material: trust anchors, CRLs, and our own certificate and key.
 pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
@@ -347,12 +360,12 @@ impl RevokedSerials {
 
     /// Whether a serial (in `format_serial` form) is revoked.
     pub fn contains(&self, serial: &str) -> bool {
-        self.0.read().map(|s| s.contains(serial)).unwrap_or(true)
+        self.read().contains(serial)
     }
 
     /// How many serials are revoked.
     pub fn len(&self) -> usize {
-        self.0.read().map(|s| s.len()).unwrap_or(0)
+        self.read().len()
     }
 
     /// Whether no serial is revoked.
@@ -360,9 +373,13 @@ impl RevokedSerials {
         self.len() == 0
     }
 
+    // A poisoned lock only means a writer panicked mid-insert of a string; the
+    // set itself is still a valid set, so both sides keep using it.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashSet<String>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<String>> {
-        // A poisoned lock only means a writer panicked mid-insert of a string;
-        // the set itself is still a valid set, so keep using it.
         self.0.write().unwrap_or_else(|p| p.into_inner())
     }
 }
