@@ -1,0 +1,477 @@
+//! `core-node` configuration: one struct, every field documented with its
+//! default, loaded from TOML, overridden by `LANMESH_*` environment variables
+//! and then by flags (clap applies flag-over-env; the file is the base), and
+//! checked by [`Config::validate`] before anything starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// Default admin API address.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:10000";
+/// Default Raft RPC (QUIC) address.
+pub const DEFAULT_RAFT_ADDR: &str = "127.0.0.1:10001";
+/// Default client protocol (QUIC) address.
+pub const DEFAULT_CLIENT_ADDR: &str = "127.0.0.1:10002";
+
+/// Why the configuration cannot be used. Each variant names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this struct.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the field and line).
+        message: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("config: {field}: {message}")]
+    Invalid {
+        /// The field (config key).
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// TLS material (`[tls]` in the file; `--ca/--cert/--key`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA certificate to trust. Default: none, in which case the node creates a
+    /// throw-away CA under `<data_dir>/tls/` on first start.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (role `core`).
+    pub cert: Option<PathBuf>,
+    /// This node's private key.
+    pub key: Option<PathBuf>,
+}
+
+/// Whether the admin API speaks HTTPS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiTls {
+    /// HTTPS when TLS material is configured and the API address is not loopback.
+    #[default]
+    Auto,
+    /// Always HTTPS (with the configured or throw-away certificates).
+    On,
+    /// Always plain HTTP.
+    Off,
+}
+
+/// Raft timings and log/snapshot policy (`[raft]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    /// Leader heartbeat interval, ms. Default 50 (LAN).
+    pub heartbeat_ms: u64,
+    /// Election timeout lower bound, ms. Default 150 (LAN; raise for WAN-ish links).
+    pub election_timeout_min_ms: u64,
+    /// Election timeout upper bound, ms. Default 300. Also the leader lease.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log) every this many applied entries. Default 5000.
+    pub snapshot_every: u64,
+    /// Keep this many log entries after a snapshot, for followers that lag a little. Default 1000.
+    pub keep_logs: u64,
+    /// Time allowed for sending a whole snapshot to a follower, ms. Default 30000.
+    pub snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+            snapshot_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole `core-node` configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, unique in the cluster; never reuse a removed node's id
+    /// for an empty node. Default `node-1`.
+    pub node_id: String,
+    /// Cluster id; must match the certificates' cluster. Default `lanmesh`.
+    pub cluster_id: String,
+    /// Data directory. Default `./lanmesh-data/<node_id>`.
+    pub data_dir: Option<PathBuf>,
+    /// Admin API (HTTP) bind address. Default 127.0.0.1:10000. Port 0 picks a free port.
+    pub api_addr: SocketAddr,
+    /// Raft RPC (QUIC) bind address. Default 127.0.0.1:10001.
+    pub raft_addr: SocketAddr,
+    /// Client protocol (QUIC) bind address. Default 127.0.0.1:10002.
+    pub client_addr: SocketAddr,
+    /// Address other nodes reach this one at, when binding to 0.0.0.0/[::].
+    /// Default: none (a wildcard bind then requires it).
+    pub advertise_ip: Option<IpAddr>,
+    /// API addresses (HOST:PORT) of the other cores, for `bootstrap_expect`. Default empty.
+    pub peers: Vec<String>,
+    /// Form a new cluster once this many cores (this one and `peers`) are
+    /// reachable; the one with the smallest id initializes it. 0 = off (default).
+    pub bootstrap_expect: usize,
+    /// API address (or URL) of any member of an existing cluster to join. Default none.
+    pub join: Option<String>,
+    /// TLS material.
+    pub tls: TlsSection,
+    /// Admin API TLS. Default `auto`.
+    pub api_tls: ApiTls,
+    /// Largest accepted request body, bytes. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Raft timings and snapshot policy.
+    pub raft: RaftSection,
+    /// Log format. Default `text`. The level comes from `RUST_LOG` (default `info`).
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "node-1".into(),
+            cluster_id: "lanmesh".into(),
+            data_dir: None,
+            api_addr: parse_default(DEFAULT_API_ADDR),
+            raft_addr: parse_default(DEFAULT_RAFT_ADDR),
+            client_addr: parse_default(DEFAULT_CLIENT_ADDR),
+            advertise_ip: None,
+            peers: Vec::new(),
+            bootstrap_expect: 0,
+            join: None,
+            tls: TlsSection::default(),
+            api_tls: ApiTls::Auto,
+            max_body_bytes: 1 << 20,
+            raft: RaftSection::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn parse_default(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Flags of `core-node run` (each also a config key and a `LANMESH_*` variable).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML config file (keys as in the documented example; flags and env win over it).
+    #[arg(long, env = "LANMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's id [default: node-1].
+    #[arg(long, env = "LANMESH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Cluster id [default: lanmesh].
+    #[arg(long, env = "LANMESH_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Data directory [default: ./lanmesh-data/<node-id>].
+    #[arg(long, env = "LANMESH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Admin API bind address [default: 127.0.0.1:10000].
+    #[arg(long, env = "LANMESH_API_ADDR", value_name = "ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Raft RPC (QUIC) bind address [default: 127.0.0.1:10001].
+    #[arg(long, env = "LANMESH_RAFT_ADDR", value_name = "ADDR")]
+    pub raft_addr: Option<SocketAddr>,
+    /// Client protocol (QUIC) bind address [default: 127.0.0.1:10002].
+    #[arg(long, env = "LANMESH_CLIENT_ADDR", value_name = "ADDR")]
+    pub client_addr: Option<SocketAddr>,
+    /// Address to advertise when binding to a wildcard address.
+    #[arg(long, env = "LANMESH_ADVERTISE_IP", value_name = "IP")]
+    pub advertise_ip: Option<IpAddr>,
+    /// Comma-separated API addresses of the other cores (with --bootstrap-expect).
+    #[arg(
+        long,
+        env = "LANMESH_PEERS",
+        value_delimiter = ',',
+        value_name = "ADDRS"
+    )]
+    pub peers: Option<Vec<String>>,
+    /// Form a new cluster of N cores (this one plus --peers), exactly once.
+    #[arg(long, env = "LANMESH_BOOTSTRAP_EXPECT", value_name = "N")]
+    pub bootstrap_expect: Option<usize>,
+    /// Join the existing cluster that has a member at this API address.
+    #[arg(long, env = "LANMESH_JOIN", value_name = "ADDR")]
+    pub join: Option<String>,
+    /// CA certificate to trust [default: a throw-away CA in <data-dir>/tls].
+    #[arg(long, env = "LANMESH_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (role core).
+    #[arg(long, env = "LANMESH_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// This node's key.
+    #[arg(long, env = "LANMESH_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Admin API TLS [default: auto: HTTPS when certificates are configured and the address is not loopback].
+    #[arg(long, env = "LANMESH_API_TLS", value_enum)]
+    pub api_tls: Option<ApiTls>,
+    /// Log format [default: text].
+    #[arg(long, env = "LANMESH_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Loads the file (if any), applies env/flag overrides, and validates.
+    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    fn apply(&mut self, a: &RunArgs) {
+        macro_rules! set {
+            ($($field:ident),*) => {$(if let Some(v) = &a.$field { self.$field = v.clone(); })*};
+        }
+        set!(
+            node_id,
+            cluster_id,
+            api_addr,
+            raft_addr,
+            client_addr,
+            peers,
+            bootstrap_expect,
+            api_tls,
+            log_format
+        );
+        if a.data_dir.is_some() {
+            self.data_dir = a.data_dir.clone();
+        }
+        if a.advertise_ip.is_some() {
+            self.advertise_ip = a.advertise_ip;
+        }
+        if a.join.is_some() {
+            self.join = a.join.clone();
+        }
+        for (slot, v) in [
+            (&mut self.tls.ca, &a.ca),
+            (&mut self.tls.cert, &a.cert),
+            (&mut self.tls.key, &a.key),
+        ] {
+            if v.is_some() {
+                *slot = v.clone();
+            }
+        }
+        self.peers.retain(|p| !p.trim().is_empty());
+    }
+
+    /// Checks every field; the error names the field and what to do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        lanmesh_shared::identity::validate_name("name", &self.node_id)
+            .map_err(|e| invalid("node_id", e.to_string()))?;
+        lanmesh_shared::identity::validate_name("cluster id", &self.cluster_id)
+            .map_err(|e| invalid("cluster_id", e.to_string()))?;
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return Err(invalid("raft.heartbeat_ms", "must be at least 1"));
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                "must be larger than raft.heartbeat_ms",
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must be larger than raft.election_timeout_min_ms",
+            ));
+        }
+        if r.snapshot_every == 0 {
+            return Err(invalid("raft.snapshot_every", "must be at least 1"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        match (&self.tls.ca, &self.tls.cert, &self.tls.key) {
+            (None, None, None) | (Some(_), Some(_), Some(_)) => {}
+            _ => {
+                return Err(invalid(
+                    "tls",
+                    "give all of ca, cert and key (--ca/--cert/--key), or none for the throw-away CA",
+                ));
+            }
+        }
+        if self.bootstrap_expect > 0 && self.join.is_some() {
+            return Err(invalid(
+                "join",
+                "join an existing cluster or bootstrap a new one (bootstrap_expect), not both",
+            ));
+        }
+        if self.bootstrap_expect > 1 && self.peers.len() + 1 < self.bootstrap_expect {
+            return Err(invalid(
+                "peers",
+                format!(
+                    "bootstrap_expect is {} but only {} peer(s) are listed besides this node",
+                    self.bootstrap_expect,
+                    self.peers.len()
+                ),
+            ));
+        }
+        for (field, addr) in [
+            ("raft_addr", self.raft_addr),
+            ("client_addr", self.client_addr),
+        ] {
+            if addr.ip().is_unspecified() && self.advertise_ip.is_none() {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{addr} is a wildcard address: set advertise_ip (--advertise-ip) to the address peers should use"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The data directory, defaulted.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("lanmesh-data").join(&self.node_id))
+    }
+
+    /// The address peers should use for a bound socket.
+    pub fn advertise(&self, bound: SocketAddr) -> SocketAddr {
+        match self.advertise_ip {
+            Some(ip) if bound.ip().is_unspecified() => SocketAddr::new(ip, bound.port()),
+            _ => bound,
+        }
+    }
+
+    /// The openraft configuration from `[raft]`.
+    pub fn raft_config(&self) -> openraft::Config {
+        let r = &self.raft;
+        openraft::Config {
+            cluster_name: self.cluster_id.clone(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            install_snapshot_timeout: r.snapshot_timeout_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+            max_in_snapshot_log_to_keep: r.keep_logs,
+            replication_lag_threshold: r.snapshot_every,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+    }
+
+    /// How long to wait for a write before answering 503.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis((self.raft.election_timeout_max_ms * 6).max(2000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.api_addr.to_string(), DEFAULT_API_ADDR);
+        assert_eq!(c.data_dir(), PathBuf::from("lanmesh-data/node-1"));
+        c.raft_config().validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"n2\"\napi_addr = \"127.0.0.1:0\"\n[raft]\nheartbeat_ms = 20\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(path),
+            cluster_id: Some("site".into()),
+            ..Default::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!((c.node_id.as_str(), c.cluster_id.as_str()), ("n2", "site"));
+        assert_eq!(c.raft.heartbeat_ms, 20);
+        assert_eq!(c.raft.election_timeout_max_ms, 300);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "node_idd = \"x\"\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("node_idd"), "{e}");
+        let mut c = Config::default();
+        c.raft.election_timeout_min_ms = 10;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("raft.election_timeout_min_ms")
+        );
+        let mut c = Config::default();
+        c.tls.ca = Some("x".into());
+        assert!(c.validate().unwrap_err().to_string().contains("tls"));
+        let c = Config {
+            raft_addr: "0.0.0.0:1".parse().unwrap(),
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("advertise_ip")
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! `core-node`: the Raft voter of a lanmesh cluster.
+//!
+//! * [`store`]: the replicated data model (commands and SQLite tables);
+//! * [`raft`]: openraft types, SQLite log store and state machine, QUIC transport;
+//! * [`node`]: a running node — write/read paths, join/leave, bootstrap;
+//! * [`api`]: the HTTP admin API; [`http`]: the HTTP client the CLI uses;
+//! * [`config`], [`metrics`], [`cli`] (operator commands), [`bench`].
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod raft;
+pub mod store;

@@ -1,0 +1,511 @@
+//! The replicated data model: the commands that go through the Raft log and
+//! the SQLite tables they change.
+//!
+//! This module is plain SQL over a `rusqlite::Connection`, with no Raft in it:
+//! `raft::state_machine` calls [`apply`] inside the transaction that also
+//! records the applied log id, and the API reads through the query functions.
+//! Every change records its revision (the Raft log index of the command) in
+//! the row and in the `changes` table, so a change feed can resume from a
+//! revision (the edge issue builds on that).
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+
+/// The registries kept in the state machine besides KV and members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registry {
+    /// Messaging channels.
+    Channels,
+    /// Devices.
+    Devices,
+    /// Users / identities (password hashes, never returned by the API).
+    Users,
+    /// Edge sites.
+    Edges,
+}
+
+impl Registry {
+    /// Every registry, in URL order.
+    pub const ALL: [Registry; 4] = [
+        Registry::Channels,
+        Registry::Devices,
+        Registry::Users,
+        Registry::Edges,
+    ];
+
+    /// The name used in URLs (`/v1/<name>`) and in the table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registry::Channels => "channels",
+            Registry::Devices => "devices",
+            Registry::Users => "users",
+            Registry::Edges => "edges",
+        }
+    }
+
+    /// Parses a URL segment.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// A cluster member's metadata (the Raft membership holds the voting set; this
+/// table holds what operators want to see about each node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Node id (`node-1`).
+    pub id: String,
+    /// `core` (edges register in the edges registry, not here).
+    pub role: String,
+    /// Raft (QUIC) address.
+    pub raft_addr: String,
+    /// Admin API address.
+    pub api_addr: String,
+    /// Client protocol address.
+    pub client_addr: String,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A change to the replicated state. Serialized into the Raft log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Set a config key.
+    KvPut {
+        /// Key.
+        key: String,
+        /// Raw value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Delete a config key.
+    KvDelete {
+        /// Key.
+        key: String,
+    },
+    /// Create or replace a registry entry.
+    RegistryPut {
+        /// Which registry.
+        registry: Registry,
+        /// Entry name.
+        name: String,
+        /// Entry data (JSON text; validated by the API before proposing).
+        data: String,
+    },
+    /// Delete a registry entry.
+    RegistryDelete {
+        /// Which registry.
+        registry: Registry,
+        /// Entry name.
+        name: String,
+    },
+    /// Record or update a member's metadata.
+    SetMember(Member),
+    /// Forget a member's metadata (after it left the Raft membership).
+    RemoveMember {
+        /// Node id.
+        id: String,
+    },
+    /// Add a revoked certificate serial.
+    Revoke {
+        /// Serial, normalized hex.
+        serial: String,
+    },
+    /// Set once at bootstrap: the cluster id and the token-signing key.
+    Bootstrap {
+        /// Cluster id.
+        cluster_id: String,
+        /// Ed25519 private key, PKCS#8 DER.
+        #[serde(with = "serde_bytes")]
+        token_key: Vec<u8>,
+    },
+}
+
+/// The result of applying one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Applied {
+    /// The revision (log index) of the change.
+    pub revision: u64,
+    /// False when the command changed nothing (delete of an absent key, a
+    /// second bootstrap).
+    pub changed: bool,
+}
+
+/// Creates the state-machine tables if missing.
+pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS sm_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS kv (
+             key TEXT PRIMARY KEY, value BLOB NOT NULL,
+             create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL,
+             version INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS registry (
+             kind TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL,
+             create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL,
+             PRIMARY KEY (kind, name));
+         CREATE TABLE IF NOT EXISTS members (
+             id TEXT PRIMARY KEY, data TEXT NOT NULL, mod_revision INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS revoked (serial TEXT PRIMARY KEY, revision INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS changes (
+             revision INTEGER NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, op TEXT NOT NULL);
+         CREATE INDEX IF NOT EXISTS changes_by_revision ON changes (revision);",
+    )
+}
+
+fn record(
+    tx: &Transaction<'_>,
+    revision: u64,
+    kind: &str,
+    key: &str,
+    op: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO changes (revision, kind, key, op) VALUES (?1, ?2, ?3, ?4)",
+        params![revision as i64, kind, key, op],
+    )?;
+    Ok(())
+}
+
+/// Applies one command at `revision` inside `tx`.
+pub fn apply(tx: &Transaction<'_>, revision: u64, cmd: &Command) -> rusqlite::Result<Applied> {
+    let rev = revision as i64;
+    let changed = match cmd {
+        Command::KvPut { key, value } => {
+            tx.execute(
+                "INSERT INTO kv (key, value, create_revision, mod_revision, version)
+                 VALUES (?1, ?2, ?3, ?3, 1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value,
+                     mod_revision = excluded.mod_revision, version = version + 1",
+                params![key, value, rev],
+            )?;
+            record(tx, revision, "kv", key, "put")?;
+            true
+        }
+        Command::KvDelete { key } => {
+            let n = tx.execute("DELETE FROM kv WHERE key = ?1", params![key])?;
+            if n > 0 {
+                record(tx, revision, "kv", key, "delete")?;
+            }
+            n > 0
+        }
+        Command::RegistryPut {
+            registry,
+            name,
+            data,
+        } => {
+            tx.execute(
+                "INSERT INTO registry (kind, name, data, create_revision, mod_revision)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT(kind, name) DO UPDATE SET data = excluded.data,
+                     mod_revision = excluded.mod_revision",
+                params![registry.as_str(), name, data, rev],
+            )?;
+            record(tx, revision, registry.as_str(), name, "put")?;
+            true
+        }
+        Command::RegistryDelete { registry, name } => {
+            let n = tx.execute(
+                "DELETE FROM registry WHERE kind = ?1 AND name = ?2",
+                params![registry.as_str(), name],
+            )?;
+            if n > 0 {
+                record(tx, revision, registry.as_str(), name, "delete")?;
+            }
+            n > 0
+        }
+        Command::SetMember(m) => {
+            let data = serde_json::to_string(m).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO members (id, data, mod_revision) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET data = excluded.data, mod_revision = excluded.mod_revision",
+                params![m.id, data, rev],
+            )?;
+            record(tx, revision, "members", &m.id, "put")?;
+            true
+        }
+        Command::RemoveMember { id } => {
+            let n = tx.execute("DELETE FROM members WHERE id = ?1", params![id])?;
+            if n > 0 {
+                record(tx, revision, "members", id, "delete")?;
+            }
+            n > 0
+        }
+        Command::Revoke { serial } => {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO revoked (serial, revision) VALUES (?1, ?2)",
+                params![serial, rev],
+            )?;
+            if n > 0 {
+                record(tx, revision, "revoked", serial, "put")?;
+            }
+            n > 0
+        }
+        Command::Bootstrap {
+            cluster_id,
+            token_key,
+        } => {
+            // The first bootstrap wins; a repeated one (e.g. a retried
+            // proposal) changes nothing.
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO sm_meta (key, value) VALUES ('cluster_id', ?1)",
+                params![cluster_id.as_bytes()],
+            )?;
+            if n > 0 {
+                tx.execute(
+                    "INSERT OR REPLACE INTO sm_meta (key, value) VALUES ('token_key', ?1)",
+                    params![token_key],
+                )?;
+                record(tx, revision, "cluster", "bootstrap", "put")?;
+            }
+            n > 0
+        }
+    };
+    Ok(Applied { revision, changed })
+}
+
+/// A KV entry as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KvEntry {
+    /// Key.
+    pub key: String,
+    /// Raw value (the list endpoint returns it as UTF-8 text when it is, else base64).
+    #[serde(skip)]
+    pub value: Vec<u8>,
+    /// Revision that created the key.
+    pub create_revision: u64,
+    /// Revision of the last change.
+    pub mod_revision: u64,
+    /// Number of puts since creation.
+    pub version: u64,
+}
+
+fn kv_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KvEntry> {
+    Ok(KvEntry {
+        key: row.get(0)?,
+        value: row.get(1)?,
+        create_revision: row.get::<_, i64>(2)? as u64,
+        mod_revision: row.get::<_, i64>(3)? as u64,
+        version: row.get::<_, i64>(4)? as u64,
+    })
+}
+
+/// Reads one key.
+pub fn kv_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<KvEntry>> {
+    conn.prepare_cached(
+        "SELECT key, value, create_revision, mod_revision, version FROM kv WHERE key = ?1",
+    )?
+    .query_row(params![key], kv_row)
+    .optional()
+}
+
+/// Lists keys starting with `prefix`, in key order, at most `limit`.
+pub fn kv_list(conn: &Connection, prefix: &str, limit: usize) -> rusqlite::Result<Vec<KvEntry>> {
+    // Range scan [prefix, prefix + U+10FFFF) uses the primary key index.
+    let upper = format!("{prefix}\u{10FFFF}");
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, value, create_revision, mod_revision, version FROM kv
+         WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![prefix, upper, limit as i64], kv_row)?;
+    rows.collect()
+}
+
+/// A registry entry as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegistryEntry {
+    /// Name.
+    pub name: String,
+    /// Data (JSON).
+    pub data: serde_json::Value,
+    /// Revision that created it.
+    pub create_revision: u64,
+    /// Revision of the last change.
+    pub mod_revision: u64,
+}
+
+fn registry_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RegistryEntry> {
+    let data: String = row.get(1)?;
+    Ok(RegistryEntry {
+        name: row.get(0)?,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+        create_revision: row.get::<_, i64>(2)? as u64,
+        mod_revision: row.get::<_, i64>(3)? as u64,
+    })
+}
+
+/// Reads one registry entry.
+pub fn registry_get(
+    conn: &Connection,
+    registry: Registry,
+    name: &str,
+) -> rusqlite::Result<Option<RegistryEntry>> {
+    conn.prepare_cached(
+        "SELECT name, data, create_revision, mod_revision FROM registry WHERE kind = ?1 AND name = ?2",
+    )?
+    .query_row(params![registry.as_str(), name], registry_row)
+    .optional()
+}
+
+/// Lists a registry in name order.
+pub fn registry_list(
+    conn: &Connection,
+    registry: Registry,
+) -> rusqlite::Result<Vec<RegistryEntry>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, data, create_revision, mod_revision FROM registry WHERE kind = ?1 ORDER BY name",
+    )?;
+    let rows = stmt.query_map(params![registry.as_str()], registry_row)?;
+    rows.collect()
+}
+
+/// All members' metadata, by id.
+pub fn members(conn: &Connection) -> rusqlite::Result<Vec<Member>> {
+    let mut stmt = conn.prepare_cached("SELECT data FROM members ORDER BY id")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for data in rows {
+        if let Ok(m) = serde_json::from_str(&data?) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// All revoked serials.
+pub fn revoked(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT serial FROM revoked ORDER BY serial")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// The cluster id recorded at bootstrap, if any.
+pub fn cluster_id(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    let v: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT value FROM sm_meta WHERE key = 'cluster_id'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// Whether a token-signing key exists (the key itself never leaves the cores).
+pub fn has_token_key(conn: &Connection) -> rusqlite::Result<bool> {
+    Ok(conn
+        .query_row("SELECT 1 FROM sm_meta WHERE key = 'token_key'", [], |_| {
+            Ok(())
+        })
+        .optional()?
+        .is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        init_schema(&c).unwrap();
+        c
+    }
+
+    fn run(c: &mut Connection, rev: u64, cmd: Command) -> Applied {
+        let tx = c.transaction().unwrap();
+        let a = apply(&tx, rev, &cmd).unwrap();
+        tx.commit().unwrap();
+        a
+    }
+
+    #[test]
+    fn kv_revisions_and_versions() {
+        let mut c = db();
+        run(
+            &mut c,
+            3,
+            Command::KvPut {
+                key: "a/x".into(),
+                value: b"1".to_vec(),
+            },
+        );
+        run(
+            &mut c,
+            5,
+            Command::KvPut {
+                key: "a/x".into(),
+                value: b"2".to_vec(),
+            },
+        );
+        run(
+            &mut c,
+            6,
+            Command::KvPut {
+                key: "b".into(),
+                value: b"3".to_vec(),
+            },
+        );
+        let e = kv_get(&c, "a/x").unwrap().unwrap();
+        assert_eq!(
+            (
+                e.value.as_slice(),
+                e.create_revision,
+                e.mod_revision,
+                e.version
+            ),
+            (&b"2"[..], 3, 5, 2)
+        );
+        assert_eq!(kv_list(&c, "a/", 100).unwrap().len(), 1);
+        assert_eq!(kv_list(&c, "", 100).unwrap().len(), 2);
+        assert!(run(&mut c, 7, Command::KvDelete { key: "a/x".into() }).changed);
+        assert!(!run(&mut c, 8, Command::KvDelete { key: "a/x".into() }).changed);
+        assert!(kv_get(&c, "a/x").unwrap().is_none());
+        let changes: i64 = c
+            .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(changes, 4);
+    }
+
+    #[test]
+    fn registries_members_revocations_bootstrap() {
+        let mut c = db();
+        run(
+            &mut c,
+            2,
+            Command::RegistryPut {
+                registry: Registry::Channels,
+                name: "ops".into(),
+                data: r#"{"replication":"async"}"#.into(),
+            },
+        );
+        assert_eq!(registry_list(&c, Registry::Channels).unwrap().len(), 1);
+        assert!(registry_list(&c, Registry::Devices).unwrap().is_empty());
+        run(
+            &mut c,
+            3,
+            Command::Revoke {
+                serial: "ab".into(),
+            },
+        );
+        assert!(
+            !run(
+                &mut c,
+                4,
+                Command::Revoke {
+                    serial: "ab".into()
+                }
+            )
+            .changed
+        );
+        assert_eq!(revoked(&c).unwrap(), vec!["ab".to_string()]);
+        let b = |id: &str| Command::Bootstrap {
+            cluster_id: id.into(),
+            token_key: vec![1, 2],
+        };
+        assert!(run(&mut c, 1, b("c1")).changed);
+        assert!(!run(&mut c, 9, b("c2")).changed);
+        assert_eq!(cluster_id(&c).unwrap().as_deref(), Some("c1"));
+        assert!(has_token_key(&c).unwrap());
+    }
+}
