@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::service::service_fn;
@@ -279,21 +279,44 @@ async fn read_body(node: &Node, req: Request<Incoming>) -> Result<Bytes, ApiErro
             format!("request body larger than {limit} bytes (max_body_bytes)"),
         )
     };
-    if let Some(len) = req
+    let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > limit
-    {
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut body = req.into_body();
+    if declared.is_some_and(|len| len > limit) {
+        drain(&mut body, limit).await;
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "cannot read request body: {e}"
-        ))),
+    let mut collected = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        if let Some(data) = frame.data_ref() {
+            if collected.len() + data.len() > limit {
+                drain(&mut body, limit).await;
+                return Err(too_large());
+            }
+            collected.extend_from_slice(data);
+        }
+    }
+    Ok(Bytes::from(collected))
+}
+
+/// Reads and discards up to `DRAIN_FACTOR * limit` more bytes of a refused
+/// body, so that an ordinary client that is still sending gets to read our 413
+/// instead of a connection reset. Beyond that the connection is closed.
+async fn drain(body: &mut Incoming, limit: usize) {
+    const DRAIN_FACTOR: usize = 16;
+    let mut left = limit.saturating_mul(DRAIN_FACTOR);
+    while left > 0 {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                left = left.saturating_sub(frame.data_ref().map(|d| d.len()).unwrap_or(0));
+            }
+            _ => return,
+        }
     }
 }
 

@@ -605,14 +605,25 @@ impl Node {
             };
         }
         let _guard = self.membership_lock.lock().await;
+        let mut req = req;
         let id = NodeName(req.node_id.clone());
+        let membership = self.raft_metrics().membership_config.clone();
+        let existing = membership.membership().get_node(&id).cloned();
+        // `POST /join?node_id=..&addr=..` names only the Raft address: keep the
+        // other addresses we already know.
+        if let Some(known) = &existing {
+            if req.api_addr.is_empty() {
+                req.api_addr = known.api_addr.clone();
+            }
+            if req.client_addr.is_empty() {
+                req.client_addr = known.client_addr.clone();
+            }
+        }
         let node = CoreNode {
             raft_addr: req.raft_addr.clone(),
             api_addr: req.api_addr.clone(),
             client_addr: req.client_addr.clone(),
         };
-        let membership = self.raft_metrics().membership_config.clone();
-        let existing = membership.membership().get_node(&id).cloned();
         let is_voter = membership.membership().voter_ids().any(|v| v == id);
         let status = match (&existing, is_voter) {
             (Some(n), true) if *n == node => "already a member",

@@ -6,6 +6,8 @@
 //! integration tests of its own; running only this package after a clean
 //! checkout needs a `cargo build --workspace` first, and [`bin`] says so.
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
