@@ -89,9 +89,10 @@ pub struct RaftSection {
     pub election_timeout_min_ms: u64,
     /// Election timeout upper bound, ms. Default 300. Also the leader lease.
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot (and purge the log) every this many applied entries. Default 5000.
+    /// Build a snapshot (and purge the log) every this many applied entries.
+    /// Default 20000 (a snapshot copies the whole state; etcd's default is 100000).
     pub snapshot_every: u64,
-    /// Keep this many log entries after a snapshot, for followers that lag a little. Default 1000.
+    /// Keep this many log entries after a snapshot, for followers that lag a little. Default 5000.
     pub keep_logs: u64,
     /// Time allowed for sending a whole snapshot to a follower, ms. Default 30000.
     pub snapshot_timeout_ms: u64,
@@ -103,8 +104,8 @@ impl Default for RaftSection {
             heartbeat_ms: 50,
             election_timeout_min_ms: 150,
             election_timeout_max_ms: 300,
-            snapshot_every: 5000,
-            keep_logs: 1000,
+            snapshot_every: 20_000,
+            keep_logs: 5_000,
             snapshot_timeout_ms: 30_000,
         }
     }
@@ -402,6 +403,9 @@ impl Config {
             max_in_snapshot_log_to_keep: r.keep_logs,
             replication_lag_threshold: r.snapshot_every,
             enable_pre_vote: Some(true),
+            // Our log store returns from `append` before its fsync (group
+            // commit), so publishing on return overlaps replication with it.
+            broadcast_submitted_on_append: Some(false),
             ..Default::default()
         }
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use lanmesh_shared::identity::Role;
+use lanmesh_shared::link;
 use lanmesh_shared::pki::ensure_local_pki;
 use lanmesh_shared::tls::{
     self, ALPN_RAFT, ClientAuth, PeerPolicy, RevokedSerials, TlsFiles, TlsMaterial, Transport,
@@ -1115,7 +1116,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     )?;
     let client_tls = tls::client_config(&material, raft_policy, &[ALPN_RAFT])?;
     let transport = Transport::default();
-    let mut endpoint = quinn::Endpoint::server(
+    let mut endpoint = link::server_endpoint(
         tls::quinn_server_config(server_tls, transport)?,
         config.raft_addr,
     )

@@ -133,6 +133,22 @@ pub struct Applied {
     pub changed: bool,
 }
 
+/// How many revisions of history the `changes` table keeps. A change feed
+/// resuming from an older revision gets a full copy instead.
+pub const CHANGES_RETAINED: u64 = 100_000;
+/// Trimming runs when the applied index crosses a multiple of this.
+pub const TRIM_EVERY: u64 = 4096;
+
+/// Drops change records more than [`CHANGES_RETAINED`] revisions old. It
+/// depends only on `applied`, so every replica trims the same way.
+pub fn trim_changes(tx: &Transaction<'_>, applied: u64) -> rusqlite::Result<()> {
+    if let Some(horizon) = applied.checked_sub(CHANGES_RETAINED) {
+        tx.prepare_cached("DELETE FROM changes WHERE revision <= ?1")?
+            .execute(params![horizon as i64])?;
+    }
+    Ok(())
+}
+
 /// Creates the state-machine tables if missing.
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
@@ -161,10 +177,8 @@ fn record(
     key: &str,
     op: &str,
 ) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO changes (revision, kind, key, op) VALUES (?1, ?2, ?3, ?4)",
-        params![revision as i64, kind, key, op],
-    )?;
+    tx.prepare_cached("INSERT INTO changes (revision, kind, key, op) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![revision as i64, kind, key, op])?;
     Ok(())
 }
 
@@ -173,18 +187,20 @@ pub fn apply(tx: &Transaction<'_>, revision: u64, cmd: &Command) -> rusqlite::Re
     let rev = revision as i64;
     let changed = match cmd {
         Command::KvPut { key, value } => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO kv (key, value, create_revision, mod_revision, version)
                  VALUES (?1, ?2, ?3, ?3, 1)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value,
                      mod_revision = excluded.mod_revision, version = version + 1",
-                params![key, value, rev],
-            )?;
+            )?
+            .execute(params![key, value, rev])?;
             record(tx, revision, "kv", key, "put")?;
             true
         }
         Command::KvDelete { key } => {
-            let n = tx.execute("DELETE FROM kv WHERE key = ?1", params![key])?;
+            let n = tx
+                .prepare_cached("DELETE FROM kv WHERE key = ?1")?
+                .execute(params![key])?;
             if n > 0 {
                 record(tx, revision, "kv", key, "delete")?;
             }
@@ -195,21 +211,20 @@ pub fn apply(tx: &Transaction<'_>, revision: u64, cmd: &Command) -> rusqlite::Re
             name,
             data,
         } => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO registry (kind, name, data, create_revision, mod_revision)
                  VALUES (?1, ?2, ?3, ?4, ?4)
                  ON CONFLICT(kind, name) DO UPDATE SET data = excluded.data,
                      mod_revision = excluded.mod_revision",
-                params![registry.as_str(), name, data, rev],
-            )?;
+            )?
+            .execute(params![registry.as_str(), name, data, rev])?;
             record(tx, revision, registry.as_str(), name, "put")?;
             true
         }
         Command::RegistryDelete { registry, name } => {
-            let n = tx.execute(
-                "DELETE FROM registry WHERE kind = ?1 AND name = ?2",
-                params![registry.as_str(), name],
-            )?;
+            let n = tx
+                .prepare_cached("DELETE FROM registry WHERE kind = ?1 AND name = ?2")?
+                .execute(params![registry.as_str(), name])?;
             if n > 0 {
                 record(tx, revision, registry.as_str(), name, "delete")?;
             }
@@ -217,26 +232,27 @@ pub fn apply(tx: &Transaction<'_>, revision: u64, cmd: &Command) -> rusqlite::Re
         }
         Command::SetMember(m) => {
             let data = serde_json::to_string(m).unwrap_or_default();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO members (id, data, mod_revision) VALUES (?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET data = excluded.data, mod_revision = excluded.mod_revision",
-                params![m.id, data, rev],
-            )?;
+            )?
+            .execute(params![m.id, data, rev])?;
             record(tx, revision, "members", &m.id, "put")?;
             true
         }
         Command::RemoveMember { id } => {
-            let n = tx.execute("DELETE FROM members WHERE id = ?1", params![id])?;
+            let n = tx
+                .prepare_cached("DELETE FROM members WHERE id = ?1")?
+                .execute(params![id])?;
             if n > 0 {
                 record(tx, revision, "members", id, "delete")?;
             }
             n > 0
         }
         Command::Revoke { serial } => {
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO revoked (serial, revision) VALUES (?1, ?2)",
-                params![serial, rev],
-            )?;
+            let n = tx
+                .prepare_cached("INSERT OR IGNORE INTO revoked (serial, revision) VALUES (?1, ?2)")?
+                .execute(params![serial, rev])?;
             if n > 0 {
                 record(tx, revision, "revoked", serial, "put")?;
             }
@@ -248,15 +264,16 @@ pub fn apply(tx: &Transaction<'_>, revision: u64, cmd: &Command) -> rusqlite::Re
         } => {
             // The first bootstrap wins; a repeated one (e.g. a retried
             // proposal) changes nothing.
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO sm_meta (key, value) VALUES ('cluster_id', ?1)",
-                params![cluster_id.as_bytes()],
-            )?;
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO sm_meta (key, value) VALUES ('cluster_id', ?1)",
+                )?
+                .execute(params![cluster_id.as_bytes()])?;
             if n > 0 {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR REPLACE INTO sm_meta (key, value) VALUES ('token_key', ?1)",
-                    params![token_key],
-                )?;
+                )?
+                .execute(params![token_key])?;
                 record(tx, revision, "cluster", "bootstrap", "put")?;
             }
             n > 0
@@ -465,6 +482,32 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
             .unwrap();
         assert_eq!(changes, 4);
+    }
+
+    #[test]
+    fn change_history_is_trimmed_by_revision() {
+        let mut c = db();
+        for rev in [1, 2, CHANGES_RETAINED + 5] {
+            run(
+                &mut c,
+                rev,
+                Command::KvPut {
+                    key: format!("k{rev}"),
+                    value: vec![],
+                },
+            );
+        }
+        let tx = c.transaction().unwrap();
+        trim_changes(&tx, CHANGES_RETAINED + 5).unwrap();
+        tx.commit().unwrap();
+        let left: Vec<i64> = c
+            .prepare("SELECT revision FROM changes ORDER BY revision")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, vec![CHANGES_RETAINED as i64 + 5]);
     }
 
     #[test]

@@ -297,6 +297,36 @@ pub async fn accept(incoming: quinn::Incoming, timeout: Duration) -> Result<Link
         }))
 }
 
+/// Largest UDP datagram a lanmesh endpoint accepts. quinn's default (65527)
+/// sizes every endpoint's receive buffer for jumbo datagrams — megabytes of
+/// memory per process — while lanmesh links run over ordinary LAN MTUs.
+pub const MAX_UDP_PAYLOAD: u16 = 1500;
+
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    // 1500 is within quinn's accepted range (1200..=65527), so this cannot fail.
+    let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    config
+}
+
+fn endpoint(
+    bind: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC (needs tokio)"))?;
+    quinn::Endpoint::new(endpoint_config(), server, socket, runtime)
+}
+
+/// A server endpoint on `bind` (port 0 allowed) that can also dial out.
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    bind: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    endpoint(bind, Some(config))
+}
+
 /// A client endpoint bound to an ephemeral port of the right address family.
 pub fn client_endpoint(
     config: quinn::ClientConfig,
@@ -307,7 +337,7 @@ pub fn client_endpoint(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
+    let mut endpoint = endpoint(bind, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

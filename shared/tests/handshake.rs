@@ -50,7 +50,7 @@ struct Server {
 fn serve(material: &TlsMaterial, policy: PeerPolicy, auth: ClientAuth) -> Server {
     let tls = tls::server_config(material, policy, auth, &[ALPN_RAFT]).unwrap();
     let config = tls::quinn_server_config(tls, Transport::default()).unwrap();
-    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = link::server_endpoint(config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let (tx, outcome) = oneshot::channel();
     let ep = endpoint.clone();
@@ -326,7 +326,7 @@ async fn live_revocation_takes_effect_without_restart() {
         &[ALPN_RAFT],
     )
     .unwrap();
-    let endpoint = quinn::Endpoint::server(
+    let endpoint = link::server_endpoint(
         tls::quinn_server_config(tls, Transport::default()).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
     )

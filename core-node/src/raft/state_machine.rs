@@ -3,9 +3,17 @@
 //! * `apply` runs each batch of entries in one transaction that also records
 //!   the last applied log id and membership (`sm_meta`), so the state and the
 //!   point it reflects are never out of step, even after `kill -9`.
-//! * A snapshot is a consistent copy of `state.db` made with `VACUUM INTO`
-//!   (compact, and readable with any SQLite tool). The current snapshot is kept
-//!   as `snapshots/current.db` plus `current.meta` and survives restarts.
+//! * `state.db` commits without fsync (`synchronous=NORMAL`): the Raft log is
+//!   the durable record of every acknowledged write. A crash can only roll the
+//!   state back to an earlier consistent point, from which openraft re-applies
+//!   the log; if that point is older than the last purge, openraft installs
+//!   the current snapshot, which *is* fsynced. This takes one fsync off every
+//!   write.
+//! * A snapshot is a consistent copy of `state.db` made with SQLite's online
+//!   backup API from a separate read connection, so applies and reads go on
+//!   while it is copied; the applied position it covers is read from the copy
+//!   itself. The current snapshot is kept as `snapshots/current.db` plus
+//!   `current.meta` and survives restarts.
 //! * Installing a snapshot writes the received file, checks it, then swaps it
 //!   in for `state.db` by rename while the connection is closed.
 //!
@@ -56,8 +64,40 @@ struct Shared {
 
 fn open_state(path: &Path) -> io::Result<Connection> {
     let conn = open_durable(path)?;
+    // See the module docs for why the state may commit without fsync.
+    conn.execute_batch("PRAGMA synchronous=NORMAL;")
+        .map_err(io::Error::other)?;
     store::init_schema(&conn).map_err(io::Error::other)?;
     Ok(conn)
+}
+
+/// Copies the database at `src` to `dest` in one read transaction (a
+/// consistent point in time) without blocking writers, and fsyncs the copy.
+fn consistent_copy(src: &Path, dest: &Path) -> io::Result<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    let _ = std::fs::remove_file(dest);
+    {
+        let from = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(io::Error::other)?;
+        from.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(io::Error::other)?;
+        let mut to = Connection::open(dest).map_err(io::Error::other)?;
+        let backup = Backup::new(&from, &mut to).map_err(io::Error::other)?;
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            // -1: all pages in one step, so the copy is one point in time.
+            match backup.step(-1).map_err(io::Error::other)? {
+                StepResult::Done => break,
+                _ if Instant::now() > deadline => {
+                    return Err(io::Error::other(
+                        "state copy kept being interrupted for 60 s",
+                    ));
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+    }
+    std::fs::File::open(dest)?.sync_all()
 }
 
 fn meta_get(conn: &Connection, key: &str) -> io::Result<Option<Vec<u8>>> {
@@ -141,15 +181,10 @@ impl StateMachine {
             .dir
             .join(SNAPSHOT_DIR)
             .join(format!("backup-{}.db", std::process::id()));
+        let copied = consistent_copy(&self.shared.dir.join(STATE_DB), &tmp)
+            .and_then(|()| std::fs::read(&tmp));
         let _ = std::fs::remove_file(&tmp);
-        {
-            let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
-            conn.execute("VACUUM INTO ?1", params![tmp.to_string_lossy()])
-                .map_err(io::Error::other)?;
-        }
-        let bytes = std::fs::read(&tmp);
-        let _ = std::fs::remove_file(&tmp);
-        bytes
+        copied
     }
 
     async fn blocking<T, F>(&self, f: F) -> io::Result<T>
@@ -170,16 +205,14 @@ impl Shared {
         (d.join("current.db"), d.join("current.meta"))
     }
 
-    /// Records `bytes`/`meta` as the current snapshot (data first, then the
-    /// meta file that makes it visible).
-    fn save_current(&self, meta: &SnapshotMeta, bytes: &[u8]) -> io::Result<()> {
+    /// Makes the (synced) database file `file` the current snapshot: data
+    /// first, then the meta file that makes it visible.
+    fn save_current(&self, meta: &SnapshotMeta, file: &Path) -> io::Result<()> {
         let (db, meta_path) = self.snapshot_paths();
         let dir = self.dir.join(SNAPSHOT_DIR);
-        let tmp_db = dir.join("current.db.tmp");
         let tmp_meta = dir.join("current.meta.tmp");
-        write_synced(&tmp_db, bytes)?;
+        std::fs::rename(file, &db)?;
         write_synced(&tmp_meta, &encode(meta)?)?;
-        std::fs::rename(&tmp_db, &db)?;
         std::fs::rename(&tmp_meta, &meta_path)?;
         sync_dir(&dir);
         Ok(())
@@ -191,22 +224,17 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let tmp = self.dir.join(SNAPSHOT_DIR).join("building.db");
-        let _ = std::fs::remove_file(&tmp);
+        consistent_copy(&self.dir.join(STATE_DB), &tmp)?;
         let (last_log_id, last_membership) = {
-            // Holding the connection makes the meta and the copy one point in time.
-            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            let state = applied_state(&conn)?;
-            conn.execute("VACUUM INTO ?1", params![tmp.to_string_lossy()])
-                .map_err(io::Error::other)?;
-            state
+            let copy = Connection::open(&tmp).map_err(io::Error::other)?;
+            applied_state(&copy)?
         };
-        let bytes = std::fs::read(&tmp)?;
-        let _ = std::fs::remove_file(&tmp);
         let meta = SnapshotMeta {
             last_log_id,
             last_membership,
         };
-        self.save_current(&meta, &bytes)?;
+        self.save_current(&meta, &tmp)?;
+        let bytes = std::fs::read(self.snapshot_paths().0)?;
         tracing::info!(
             last_log_id = ?meta.last_log_id.as_ref().map(|l| l.index),
             bytes = bytes.len(),
@@ -264,7 +292,9 @@ impl Shared {
         self.revoked
             .replace(store::revoked(&conn).map_err(io::Error::other)?);
         drop(conn);
-        self.save_current(meta, bytes)?;
+        let copy = dir.join("installed.db.tmp");
+        write_synced(&copy, bytes)?;
+        self.save_current(meta, &copy)?;
         tracing::info!(
             last_log_id = ?meta.last_log_id.as_ref().map(|l| l.index),
             bytes = bytes.len(),
@@ -320,6 +350,10 @@ impl Shared {
         }
         if let Some(l) = last {
             meta_put(&tx, "last_applied", &encode(l)?).map_err(io::Error::other)?;
+            let first = batch.first().map(|(f, _, _)| f.index).unwrap_or(l.index);
+            if first / store::TRIM_EVERY != l.index / store::TRIM_EVERY {
+                store::trim_changes(&tx, l.index).map_err(io::Error::other)?;
+            }
         }
         if let Some(m) = &membership {
             meta_put(&tx, "last_membership", &encode(m)?).map_err(io::Error::other)?;
