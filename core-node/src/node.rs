@@ -269,6 +269,8 @@ pub struct Node {
     membership_lock: tokio::sync::Mutex<()>,
     addrs: Addrs,
     started: Instant,
+    /// Milliseconds after `started` of the last AppendEntries received.
+    last_leader_contact_ms: std::sync::atomic::AtomicU64,
     http: HttpClient,
 }
 
@@ -578,18 +580,33 @@ impl Node {
         }
     }
 
-    /// Ready: a leader is known and this node has applied what it knows is committed.
+    /// Ready: a leader is known and alive (a leader has had a quorum
+    /// acknowledge it, a follower has heard from the leader, within two
+    /// election timeouts), and this node has applied what it knows is committed.
     pub fn readiness(&self) -> Result<(), String> {
         let m = self.raft_metrics();
         if m.current_leader.is_none() {
             return Err("no leader".into());
         }
+        let window = Duration::from_millis(self.config.raft.election_timeout_max_ms * 2);
+        if m.state == ServerState::Leader {
+            let acked = m
+                .last_quorum_acked
+                .map(|t| openraft::async_runtime::Instant::elapsed(&t.into_inner()));
+            if acked.is_none_or(|age| age > window) {
+                return Err("leader without a quorum (no majority acknowledged recently)".into());
+            }
+        } else {
+            let last = self.last_leader_contact_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let since = self.started.elapsed().saturating_sub(Duration::from_millis(last));
+            if last == 0 || since > window {
+                return Err(format!("no contact with the leader for {} ms", since.as_millis()));
+            }
+        }
         let committed = m.local_committed.as_ref().map(|l| l.index).unwrap_or(0);
         let applied = m.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
         if applied < committed {
-            return Err(format!(
-                "applied {applied} of {committed} committed entries"
-            ));
+            return Err(format!("applied {applied} of {committed} committed entries"));
         }
         Ok(())
     }
@@ -799,29 +816,43 @@ impl Node {
             })
     }
 
-    /// Hands leadership to `id` (a voter).
+    /// Hands leadership to `id` (a voter) and waits until it leads.
     pub async fn transfer_leader(&self, id: &str) -> Result<(), NodeError> {
         let name = NodeName(id.to_owned());
         let membership = self.raft_metrics().membership_config.clone();
         if !membership.membership().voter_ids().any(|v| v == name) {
             return Err(NodeError::UnknownNode(id.to_owned()));
         }
-        if self.raft_metrics().current_leader.as_ref() == Some(&name) {
-            return Ok(());
-        }
-        if !self.raft.is_leader() {
-            return match self
-                .call_leader(
-                    AppRequest::TransferLeader(id.to_owned()),
-                    self.config.write_timeout(),
-                )
-                .await?
-            {
-                AppReply::Done => Ok(()),
-                other => Err(NodeError::Forward(format!("unexpected reply {other:?}"))),
+        let timeout = self.config.write_timeout();
+        let deadline = Instant::now() + timeout;
+        loop {
+            // The goal, checked first: a forwarded request may be cut short
+            // precisely because leadership moved to the target.
+            if self.raft_metrics().current_leader.as_ref() == Some(&name) {
+                return Ok(());
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(NodeError::Timeout {
+                    what: "the new leader to take over",
+                    after: timeout,
+                });
+            }
+            let attempt = if self.raft.is_leader() {
+                self.hand_over(&name).await
+            } else {
+                self.call_leader(AppRequest::TransferLeader(id.to_owned()), remaining)
+                    .await
+                    .map(|_| ())
             };
+            match attempt {
+                Ok(()) => {}
+                Err(e) if e.retryable() => {
+                    self.settle(remaining.min(Duration::from_millis(50))).await
+                }
+                Err(e) => return Err(e),
+            }
         }
-        self.hand_over(&name).await
     }
 
     /// Builds a snapshot now (and lets the log be purged up to it).
@@ -968,6 +999,13 @@ impl AppHandler for Handler {
     fn handle(&self, req: AppRequest) -> BoxFuture<'static, AppReply> {
         let node = self.0.clone();
         async move { node.handle_app(req).await }.boxed()
+    }
+
+    fn heard_from_leader(&self) {
+        let now = self.0.started.elapsed().as_millis().max(1) as u64;
+        self.0
+            .last_leader_contact_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -1208,6 +1246,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         membership_lock: tokio::sync::Mutex::new(()),
         addrs,
         started: Instant::now(),
+        last_leader_contact_ms: std::sync::atomic::AtomicU64::new(0),
         http,
     });
 

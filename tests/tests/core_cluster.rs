@@ -549,3 +549,182 @@ async fn bad_api_input_gets_4xx() {
         "{text}"
     );
 }
+
+/// `transfer-leader` moves leadership to the named voter; a leader stopped
+/// with SIGTERM hands leadership over before it exits, so writes continue
+/// without waiting for an election timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_and_clean_stop_hand_over_leadership() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start(3, "").await;
+    let (leader, _) = cluster.leader().await;
+    let target = (leader + 1) % 3;
+    let target_name = cluster.nodes[target].name.clone();
+    let via = cluster.nodes[(leader + 2) % 3].api.clone();
+    run(
+        &bin("core-node"),
+        cluster.dir(),
+        &["transfer-leader", &target_name, "--api", &via],
+    )
+    .ok();
+    let (now, _) = cluster.leader().await;
+    assert_eq!(now, target, "leadership moved to {target_name}");
+
+    put(&cluster.nodes[now].api, "before/stop", "1").await;
+    let status = cluster.nodes[now].terminate().expect("was running");
+    assert!(status.success(), "clean exit");
+    assert!(
+        cluster.nodes[now]
+            .log_tail(20)
+            .contains("handed leadership over"),
+        "{}",
+        cluster.nodes[now].log_tail(20)
+    );
+    let (next, _) = cluster.leader().await;
+    assert_ne!(next, now);
+    put(&cluster.nodes[next].api, "after/stop", "2").await;
+    assert_eq!(
+        get(&cluster.nodes[next].api, "before/stop", false)
+            .await
+            .as_deref(),
+        Some("1")
+    );
+}
+
+/// Without a quorum a write is answered with 503 and a retryable JSON error
+/// within seconds — never a hang — and the node keeps answering reads it can
+/// serve locally and its health endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_quorum_means_503_not_a_hang() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start(3, "").await;
+    let (leader, _) = cluster.leader().await;
+    put(&cluster.nodes[leader].api, "k", "v").await;
+    let survivor = (leader + 1) % 3;
+    // Make sure the survivor has applied the write before the others die.
+    assert_eq!(
+        get(&cluster.nodes[survivor].api, "k", false)
+            .await
+            .as_deref(),
+        Some("v")
+    );
+    for i in 0..3 {
+        if i != survivor {
+            cluster.nodes[i].kill9();
+        }
+    }
+    let api = cluster.nodes[survivor].api.clone();
+    let started = Instant::now();
+    let (status, body) = http(Method::PUT, &api, "/v1/kv/k2", b"v2".to_vec())
+        .await
+        .expect("an answer");
+    let took = started.elapsed();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["retryable"], true, "{v}");
+    assert!(took < Duration::from_secs(10), "answered in {took:?}");
+    let (status, _) = http(Method::GET, &api, "/v1/kv/k", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a linearizable read needs a quorum too"
+    );
+    assert_eq!(
+        get(&api, "k", true).await.as_deref(),
+        Some("v"),
+        "a local read is served"
+    );
+    let (status, _) = http(Method::GET, &api, "/healthz", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = http(Method::GET, &api, "/readyz", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready without a leader"
+    );
+}
+
+/// With `--api-tls on` the admin API is HTTPS: health and metrics are open,
+/// everything else needs an operator or core client certificate; the CLI
+/// works with an operator certificate; other roles are refused in the
+/// handshake and anonymous callers get 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_api_requires_operator_certificates() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = lanmesh_tests::cluster::Pki::new(tmp.path(), "test");
+    let mut args = vec![
+        "run".to_owned(),
+        "--node-id".into(),
+        "node-1".into(),
+        "--cluster-id".into(),
+        "test".into(),
+        "--data-dir".into(),
+        tmp.path().join("node-1").display().to_string(),
+        "--api-addr".into(),
+        "127.0.0.1:0".into(),
+        "--raft-addr".into(),
+        "127.0.0.1:0".into(),
+        "--api-tls".into(),
+        "on".into(),
+    ];
+    args.extend(pki.node_args("node-1"));
+    let mut node = NodeProc::new("node-1", &tmp.path().join("node-1"), tmp.path(), args);
+    node.start().await;
+    let https = node.api.replace("http://", "https://");
+    pki.issue(Role::Operator, "alice");
+    pki.issue(Role::Client, "app");
+    let file = |n: &str| tmp.path().join(n).display().to_string();
+    let cli = |who: Option<&str>, extra: &[&str]| {
+        let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--api".into(),
+            https.clone(),
+            "--api-ca".into(),
+            file("ca.crt"),
+        ]);
+        if let Some(w) = who {
+            a.extend([
+                "--api-cert".into(),
+                file(&format!("{w}.crt")),
+                "--api-key".into(),
+                file(&format!("{w}.key")),
+            ]);
+        }
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(&bin("core-node"), tmp.path(), &refs)
+    };
+    let ok = wait_for(
+        "the HTTPS API to accept the operator",
+        Duration::from_secs(20),
+        || {
+            let r = cli(Some("alice"), &["kv", "put", "secure", "yes"]);
+            async move { (r.code == Some(0)).then_some(r) }
+        },
+    )
+    .await;
+    assert!(ok.stdout.contains("revision"), "{ok:?}");
+    assert_eq!(
+        cli(Some("alice"), &["kv", "get", "secure"]).ok().stdout,
+        "yes"
+    );
+    let anonymous = cli(None, &["status"]);
+    assert_eq!(anonymous.code, Some(1));
+    assert!(anonymous.stderr.contains("403"), "{anonymous:?}");
+    let wrong_role = cli(Some("app"), &["status"]);
+    assert_eq!(wrong_role.code, Some(1), "{wrong_role:?}");
+    assert!(!wrong_role.stdout.contains("leader"), "{wrong_role:?}");
+    // Plain HTTP is not served on an HTTPS port.
+    assert!(get_json(&node.api, "/v1/status").await.is_none());
+}

@@ -387,6 +387,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 pub trait AppHandler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(&self, req: AppRequest) -> BoxFuture<'static, AppReply>;
+
+    /// Called for every AppendEntries (heartbeats included): only a leader
+    /// sends them, so this is how a follower knows the leader is alive.
+    fn heard_from_leader(&self);
 }
 
 /// Serves the Raft link on `endpoint` until `shutdown` fires.
