@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// (needs --spawn, so the killed node can be restarted between rounds).
     #[arg(long, default_value_t = 0)]
     pub failover: usize,
+    /// Per-attempt timeout while measuring failover, ms: a write stuck on a dead
+    /// leader is abandoned and retried, as a client with a deadline would.
+    #[arg(long, default_value_t = 250)]
+    pub failover_attempt_ms: u64,
     /// Path of the etcd binary (for --target etcd).
     #[arg(long, default_value = "etcd")]
     pub etcd_bin: PathBuf,
@@ -385,8 +389,12 @@ impl Driver {
 
     /// One acknowledged write through `url` (used for readiness and failover).
     async fn write_once(&self, url: &str, key: usize) -> bool {
+        self.write_with(&self.http, url, key).await
+    }
+
+    async fn write_with(&self, http: &HttpClient, url: &str, key: usize) -> bool {
         let (method, path, body) = self.request(Workload::Write, key);
-        matches!(self.http.request(method, url, &path, body).await, Ok((s, _)) if s.is_success())
+        matches!(http.request(method, url, &path, body).await, Ok((s, _)) if s.is_success())
     }
 }
 
@@ -558,8 +566,18 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-/// Runs the benchmark and prints the figures.
+/// Runs the benchmark and prints the figures. Ctrl-C or SIGTERM stops it and
+/// the cluster it spawned (the spawned nodes are killed when it unwinds).
 pub async fn run(args: BenchArgs) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = run_inner(args) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; spawned nodes stopped"),
+        _ = term.recv() => bail!("terminated; spawned nodes stopped"),
+    }
+}
+
+async fn run_inner(args: BenchArgs) -> Result<()> {
     let driver = std::sync::Arc::new(Driver {
         system: args.target,
         http: HttpClient::new(None, Some(Duration::from_secs(10))),
@@ -619,6 +637,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             bail!("--failover needs --spawn (the bench restarts the killed node between rounds)");
         };
         let mut times = Vec::new();
+        let impatient =
+            HttpClient::new(None, Some(Duration::from_millis(args.failover_attempt_ms)));
         for round in 0..args.failover {
             let leader = wait_ready(&driver, s, true).await?;
             let i = s
@@ -638,7 +658,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let took = loop {
                 let url = &others[k % others.len()];
                 k += 1;
-                if driver.write_once(url, k).await {
+                if driver.write_with(&impatient, url, k).await {
                     break killed.elapsed();
                 }
                 if killed.elapsed() > Duration::from_secs(30) {

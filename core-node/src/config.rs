@@ -83,11 +83,11 @@ pub enum ApiTls {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftSection {
-    /// Leader heartbeat interval, ms. Default 50 (LAN).
+    /// Leader heartbeat interval, ms. Default 40 (LAN).
     pub heartbeat_ms: u64,
-    /// Election timeout lower bound, ms. Default 150 (LAN; raise for WAN-ish links).
+    /// Election timeout lower bound, ms. Default 120 (LAN; raise for WAN-ish links).
     pub election_timeout_min_ms: u64,
-    /// Election timeout upper bound, ms. Default 300. Also the leader lease.
+    /// Election timeout upper bound, ms. Default 240. Also the leader lease.
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log) every this many applied entries.
     /// Default 20000 (a snapshot copies the whole state; etcd's default is 100000).
@@ -101,9 +101,9 @@ pub struct RaftSection {
 impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            heartbeat_ms: 40,
+            election_timeout_min_ms: 120,
+            election_timeout_max_ms: 240,
             snapshot_every: 20_000,
             keep_logs: 5_000,
             snapshot_timeout_ms: 30_000,
@@ -429,6 +429,14 @@ mod tests {
         c.raft_config().validate().unwrap();
     }
 
+    /// The documented example is valid and states exactly the defaults.
+    #[test]
+    fn example_config_matches_defaults() {
+        let example: Config =
+            toml::from_str(include_str!("../../deploy/core-node.example.toml")).unwrap();
+        assert_eq!(example, Config::default());
+    }
+
     #[test]
     fn file_then_flags() {
         let dir = tempfile::tempdir().unwrap();
@@ -446,7 +454,7 @@ mod tests {
         let c = Config::load(&args).unwrap();
         assert_eq!((c.node_id.as_str(), c.cluster_id.as_str()), ("n2", "site"));
         assert_eq!(c.raft.heartbeat_ms, 20);
-        assert_eq!(c.raft.election_timeout_max_ms, 300);
+        assert_eq!(c.raft.election_timeout_max_ms, 240);
     }
 
     #[test]

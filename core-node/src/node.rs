@@ -597,16 +597,26 @@ impl Node {
                 return Err("leader without a quorum (no majority acknowledged recently)".into());
             }
         } else {
-            let last = self.last_leader_contact_ms.load(std::sync::atomic::Ordering::Relaxed);
-            let since = self.started.elapsed().saturating_sub(Duration::from_millis(last));
+            let last = self
+                .last_leader_contact_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let since = self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last));
             if last == 0 || since > window {
-                return Err(format!("no contact with the leader for {} ms", since.as_millis()));
+                return Err(format!(
+                    "no contact with the leader for {} ms",
+                    since.as_millis()
+                ));
             }
         }
         let committed = m.local_committed.as_ref().map(|l| l.index).unwrap_or(0);
         let applied = m.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
         if applied < committed {
-            return Err(format!("applied {applied} of {committed} committed entries"));
+            return Err(format!(
+                "applied {applied} of {committed} committed entries"
+            ));
         }
         Ok(())
     }
