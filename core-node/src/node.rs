@@ -725,44 +725,59 @@ impl Node {
             })
     }
 
+    /// Waits until openraft's metrics satisfy `done`, or answers a timeout naming `what`.
+    async fn wait_metrics(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        done: impl Fn(&RaftMetrics<crate::raft::TypeConfig>) -> bool + Send + 'static,
+    ) -> Result<RaftMetrics<crate::raft::TypeConfig>, NodeError> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(done, what)
+            .await
+            .map_err(|_| NodeError::Timeout {
+                what,
+                after: timeout,
+            })
+    }
+
+    /// Forwards `req` to the leader, which answers `Done` on success.
+    async fn leader_does(&self, req: AppRequest, timeout: Duration) -> Result<(), NodeError> {
+        match self.call_leader(req, timeout).await? {
+            AppReply::Done => Ok(()),
+            other => Err(NodeError::Forward(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Waits until a learner has replicated everything the leader had when asked.
     async fn wait_caught_up(&self, id: &NodeName) -> Result<(), NodeError> {
         let target = self.raft_metrics().last_log_index.unwrap_or(0);
         let id = id.clone();
-        let timeout = Duration::from_secs(60);
-        self.raft
-            .wait(Some(timeout))
-            .metrics(
-                move |m| {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .and_then(|matched| matched.as_ref())
-                        .is_some_and(|l| l.index >= target)
-                },
-                "learner caught up",
-            )
-            .await
-            .map(|_| ())
-            .map_err(|_| NodeError::Timeout {
-                what: "the new node to catch up",
-                after: timeout,
-            })
+        self.wait_metrics(
+            "the new node to catch up",
+            Duration::from_secs(60),
+            move |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id))
+                    .and_then(|matched| matched.as_ref())
+                    .is_some_and(|l| l.index >= target)
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Removes a member; a leader asked to remove itself hands leadership over first.
     pub async fn leave(&self, id: &str) -> Result<(), NodeError> {
         if !self.raft.is_leader() {
-            return match self
-                .call_leader(
+            return self
+                .leader_does(
                     AppRequest::Leave(id.to_owned()),
                     self.config.write_timeout() * 2,
                 )
-                .await?
-            {
-                AppReply::Done => Ok(()),
-                other => Err(NodeError::Forward(format!("unexpected reply {other:?}"))),
-            };
+                .await;
         }
         let name = NodeName(id.to_owned());
         let membership = self.raft_metrics().membership_config.clone();
@@ -775,16 +790,12 @@ impl Node {
                 return Err(NodeError::Invalid("cannot remove the last voter".into()));
             };
             self.hand_over(&successor).await?;
-            return match self
-                .call_leader(
+            return self
+                .leader_does(
                     AppRequest::Leave(id.to_owned()),
                     self.config.write_timeout(),
                 )
-                .await?
-            {
-                AppReply::Done => Ok(()),
-                other => Err(NodeError::Forward(format!("unexpected reply {other:?}"))),
-            };
+                .await;
         }
         let _guard = self.membership_lock.lock().await;
         let change = if voters.contains(&name) {
@@ -811,19 +822,13 @@ impl Node {
             .await
             .map_err(fatal)?;
         let to = to.clone();
-        let timeout = self.config.write_timeout();
-        self.raft
-            .wait(Some(timeout))
-            .metrics(
-                move |m| m.current_leader.as_ref() == Some(&to),
-                "leadership transferred",
-            )
-            .await
-            .map(|_| ())
-            .map_err(|_| NodeError::Timeout {
-                what: "the new leader to take over",
-                after: timeout,
-            })
+        self.wait_metrics(
+            "the new leader to take over",
+            self.config.write_timeout(),
+            move |m| m.current_leader.as_ref() == Some(&to),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Hands leadership to `id` (a voter) and waits until it leads.
@@ -869,19 +874,11 @@ impl Node {
     pub async fn snapshot(&self) -> Result<serde_json::Value, NodeError> {
         let target = self.applied_index();
         self.raft.trigger().snapshot().await.map_err(fatal)?;
-        let timeout = Duration::from_secs(60);
         let m = self
-            .raft
-            .wait(Some(timeout))
-            .metrics(
-                move |m| m.snapshot.as_ref().is_some_and(|s| s.index >= target),
-                "snapshot built",
-            )
-            .await
-            .map_err(|_| NodeError::Timeout {
-                what: "the snapshot",
-                after: timeout,
-            })?;
+            .wait_metrics("the snapshot", Duration::from_secs(60), move |m| {
+                m.snapshot.as_ref().is_some_and(|s| s.index >= target)
+            })
+            .await?;
         Ok(serde_json::json!({
             "node_id": self.id.0,
             "snapshot_index": m.snapshot.map(|s| s.index),
