@@ -331,6 +331,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
+    /// The committed log id, so a restarted node re-applies everything it
+    /// knew to be committed before it serves reads. Written without its own
+    /// fsync: it rides along with the next flush, and a stale value after a
+    /// crash only means re-applying a little less at start.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let Some(committed) = committed else {
+            return Ok(());
+        };
+        let bytes = encode(&committed)?;
+        self.with_conn(move |conn, _| put_meta(conn, "committed", &bytes).map_err(io::Error::other))
+            .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        self.with_conn(|conn, _| {
+            get_meta(conn, "committed")
+                .map_err(io::Error::other)?
+                .map(|b| decode(&b))
+                .transpose()
+        })
+        .await
+    }
+
     async fn append<I>(
         &mut self,
         entries: I,
