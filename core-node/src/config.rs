@@ -111,6 +111,27 @@ impl Default for RaftSection {
     }
 }
 
+/// Deployment mode (architecture: "Deployment modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// One node, single-voter Raft (ready to grow), no discovery.
+    Single,
+    /// 3-5 cores on one LAN, mDNS discovery, automatic clustering.
+    LocalCluster,
+    /// Cores on the main LAN (as local-cluster); edges at other sites use static upstreams.
+    MultiLan,
+    /// No multicast, static peers, mutual TLS everywhere; refuses to start without its certificates.
+    AirGapped,
+}
+
+impl Mode {
+    /// Whether nodes find each other by mDNS.
+    pub fn discovery(self) -> bool {
+        matches!(self, Mode::LocalCluster | Mode::MultiLan)
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -159,6 +180,11 @@ pub struct Config {
     pub raft: RaftSection,
     /// Log format. Default `text`. The level comes from `RUST_LOG` (default `info`).
     pub log_format: LogFormat,
+    /// Deployment mode. Default: `single` when neither `peers` nor
+    /// `bootstrap_expect` nor `join` is set, else `local-cluster`.
+    pub mode: Option<Mode>,
+    /// mDNS priority announced for this node (lower is preferred). Default 100.
+    pub priority: u32,
 }
 
 impl Default for Config {
@@ -179,6 +205,8 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             raft: RaftSection::default(),
             log_format: LogFormat::Text,
+            mode: None,
+            priority: 100,
         }
     }
 }
@@ -244,6 +272,12 @@ pub struct RunArgs {
     /// Log format [default: text].
     #[arg(long, env = "LANMESH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Deployment mode [default: single without peers/bootstrap/join, else local-cluster].
+    #[arg(long, env = "LANMESH_MODE", value_enum)]
+    pub mode: Option<Mode>,
+    /// mDNS priority of this node (lower is preferred) [default: 100].
+    #[arg(long, env = "LANMESH_PRIORITY")]
+    pub priority: Option<u32>,
 }
 
 impl Config {
@@ -293,6 +327,12 @@ impl Config {
         }
         if a.join.is_some() {
             self.join = a.join.clone();
+        }
+        if a.mode.is_some() {
+            self.mode = a.mode;
+        }
+        if let Some(p) = a.priority {
+            self.priority = p;
         }
         for (slot, v) in [
             (&mut self.tls.ca, &a.ca),
@@ -349,7 +389,11 @@ impl Config {
                 "join an existing cluster or bootstrap a new one (bootstrap_expect), not both",
             ));
         }
-        if self.bootstrap_expect > 1 && self.peers.len() + 1 < self.bootstrap_expect {
+        // Without mDNS every other core must be listed; with it they are found.
+        if self.bootstrap_expect > 1
+            && !self.mode().discovery()
+            && self.peers.len() + 1 < self.bootstrap_expect
+        {
             return Err(invalid(
                 "peers",
                 format!(
@@ -357,6 +401,49 @@ impl Config {
                     self.bootstrap_expect,
                     self.peers.len()
                 ),
+            ));
+        }
+        match self.mode() {
+            Mode::Single
+                if !self.peers.is_empty() || self.bootstrap_expect > 1 || self.join.is_some() =>
+            {
+                return Err(invalid(
+                    "mode",
+                    "single takes no peers, bootstrap_expect or join (use local-cluster or air-gapped)",
+                ));
+            }
+            Mode::AirGapped => {
+                if self.tls.ca.is_none() {
+                    return Err(invalid(
+                        "tls",
+                        "air-gapped mode needs this node's CA and certificate (--ca/--cert/--key from `pki`)",
+                    ));
+                }
+                if self.join_auto() {
+                    return Err(invalid(
+                        "join",
+                        "air-gapped mode has no multicast: join a member by address",
+                    ));
+                }
+                if self.peers.is_empty() && self.join.is_none() && self.bootstrap_expect > 1 {
+                    return Err(invalid(
+                        "peers",
+                        "air-gapped mode needs a static peer list (--peers)",
+                    ));
+                }
+                if self.api_tls == ApiTls::Off {
+                    return Err(invalid(
+                        "api_tls",
+                        "air-gapped mode requires TLS everywhere",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if self.join_auto() && !self.mode().discovery() {
+            return Err(invalid(
+                "join",
+                "--join auto needs mDNS discovery (mode local-cluster or multi-lan)",
             ));
         }
         for (field, addr) in [
@@ -373,6 +460,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The deployment mode, defaulted as documented on [`Config::mode`].
+    pub fn mode(&self) -> Mode {
+        self.mode.unwrap_or(
+            if self.peers.is_empty() && self.bootstrap_expect == 0 && self.join.is_none() {
+                Mode::Single
+            } else {
+                Mode::LocalCluster
+            },
+        )
+    }
+
+    /// Whether `join` asks for a member found by mDNS.
+    pub fn join_auto(&self) -> bool {
+        self.join.as_deref() == Some("auto")
     }
 
     /// The data directory, defaulted.
@@ -435,6 +538,50 @@ mod tests {
         let example: Config =
             toml::from_str(include_str!("../../deploy/core-node.example.toml")).unwrap();
         assert_eq!(example, Config::default());
+    }
+
+    #[test]
+    fn modes_default_and_validate() {
+        assert_eq!(Config::default().mode(), Mode::Single);
+        let clustered = Config {
+            peers: vec!["10.0.0.2:10000".into(), "10.0.0.3:10000".into()],
+            bootstrap_expect: 3,
+            ..Default::default()
+        };
+        assert_eq!(clustered.mode(), Mode::LocalCluster);
+        clustered.validate().unwrap();
+        let single_with_peers = Config {
+            mode: Some(Mode::Single),
+            ..clustered.clone()
+        };
+        assert!(
+            single_with_peers
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mode")
+        );
+        let air = Config {
+            mode: Some(Mode::AirGapped),
+            ..clustered.clone()
+        };
+        assert!(air.validate().unwrap_err().to_string().contains("--ca"));
+        let auto = Config {
+            join: Some("auto".into()),
+            mode: Some(Mode::AirGapped),
+            tls: TlsSection {
+                ca: Some("ca".into()),
+                cert: Some("c".into()),
+                key: Some("k".into()),
+            },
+            ..Default::default()
+        };
+        assert!(
+            auto.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("multicast")
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ApiTls, Config};
+use crate::config::{ApiTls, Config, Mode};
 use crate::http::HttpClient;
 use crate::metrics::Metrics;
 use crate::raft::log_store::LogStore;
@@ -36,6 +36,7 @@ use crate::raft::network::{self, AppHandler, Network, Peers, Reply, Rpc, RpcErro
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{CoreNode, LogId, NodeName, Raft};
 use crate::store::{self, Applied, Command, Member};
+use lanmesh_shared::discovery::{self, Announcement, Discovery};
 
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +273,10 @@ pub struct Node {
     /// Milliseconds after `started` of the last AppendEntries received.
     last_leader_contact_ms: std::sync::atomic::AtomicU64,
     http: HttpClient,
+    /// Whether the cluster's admin APIs are HTTPS (as ours is).
+    api_https: bool,
+    /// Cores found by mDNS (local-cluster / multi-lan modes).
+    discovered: Option<tokio::sync::watch::Receiver<discovery::Peers>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -908,6 +913,33 @@ impl Node {
         result.unwrap_or_else(|e| AppReply::Error(e.to_remote()))
     }
 
+    /// API addresses to try, in order: the static peer list (in the priority
+    /// order the operator wrote), then cores found by mDNS, lowest announced
+    /// priority first.
+    fn peer_apis(&self) -> Vec<String> {
+        let mut apis = self.config.peers.clone();
+        if let Some(rx) = &self.discovered {
+            let mut found: Vec<_> = rx
+                .borrow()
+                .values()
+                .filter(|p| p.announcement.role == Role::Core)
+                .filter_map(|p| Some((p.announcement.priority, p.announcement.api_addr?)))
+                .collect();
+            found.sort();
+            for (_, api) in found {
+                let url = if self.api_https {
+                    format!("https://{api}")
+                } else {
+                    api.to_string()
+                };
+                if !apis.contains(&url) {
+                    apis.push(url);
+                }
+            }
+        }
+        apis
+    }
+
     fn own_node(&self) -> CoreNode {
         CoreNode {
             raft_addr: self.addrs.raft.to_string(),
@@ -1030,6 +1062,7 @@ pub struct RunningNode {
     tasks: Vec<JoinHandle<()>>,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
+    discovery: Option<Discovery>,
 }
 
 /// Why a node could not start.
@@ -1091,7 +1124,7 @@ fn load_tls(
             TlsFiles::new(ca.clone(), Some(cert.clone()), Some(key.clone()))
         }
         _ => {
-            if config.bootstrap_expect > 1 || config.join.is_some() {
+            if config.mode() != Mode::Single {
                 return Err(StartError::NeedsCertificates);
             }
             let dir = data_dir.join("tls");
@@ -1225,7 +1258,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let api_https = match config.api_tls {
         ApiTls::On => true,
         ApiTls::Off => false,
-        ApiTls::Auto => tls_configured && !api_bound.ip().is_loopback(),
+        ApiTls::Auto => {
+            tls_configured && (!api_bound.ip().is_loopback() || config.mode() == Mode::AirGapped)
+        }
     };
     let acceptor = if api_https {
         let policy = PeerPolicy::only(config.cluster_id.clone(), &[Role::Operator, Role::Core])
@@ -1243,6 +1278,33 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         )
     };
 
+    let discovery = if config.mode().discovery() {
+        let me = Announcement {
+            cluster_id: config.cluster_id.clone(),
+            node_id: config.node_id.clone(),
+            role: Role::Core,
+            raft_addr: Some(addrs.raft),
+            api_addr: Some(addrs.api),
+            client_addr: Some(addrs.client),
+            priority: config.priority,
+        };
+        match Discovery::start(me, addrs.raft.ip()) {
+            Ok(d) => {
+                tracing::info!(
+                    service = discovery::SERVICE_TYPE,
+                    "announcing on mDNS and browsing for peers"
+                );
+                Some(d)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mDNS discovery unavailable; only static peers will be used");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let node = Arc::new(Node {
         id: NodeName(config.node_id.clone()),
         config: config.clone(),
@@ -1255,6 +1317,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         started: Instant::now(),
         last_leader_contact_ms: std::sync::atomic::AtomicU64::new(0),
         http,
+        api_https,
+        discovered: discovery.as_ref().map(Discovery::peers),
     });
 
     let tasks = vec![
@@ -1291,6 +1355,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tasks,
         endpoint,
         shutdown,
+        discovery,
     })
 }
 
@@ -1325,6 +1390,8 @@ impl RunningNode {
                 }
             }
         }
+        // Withdraw the mDNS announcement first, so nobody tries to join us.
+        drop(self.discovery);
         self.shutdown.cancel();
         if let Err(e) = node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
@@ -1424,7 +1491,14 @@ async fn bootstrap(node: Arc<Node>, shutdown: CancellationToken) {
         }
     }
     let config = node.config.clone();
-    if let Some(target) = &config.join {
+    let auto = config.join_auto()
+        || (config.mode().discovery()
+            && config.join.is_none()
+            && config.bootstrap_expect <= 1
+            && config.peers.is_empty());
+    if auto {
+        join_discovered(&node, &shutdown).await;
+    } else if let Some(target) = &config.join {
         join_loop(&node, target, &shutdown).await;
     } else if config.bootstrap_expect > 1 {
         form_cluster(&node, &shutdown).await;
@@ -1445,8 +1519,8 @@ fn api_url(addr: &str) -> String {
     }
 }
 
-/// Asks `target` (any member's API) to add us, until it succeeds or we are added.
-async fn join_loop(node: &Arc<Node>, target: &str, shutdown: &CancellationToken) {
+/// One join attempt through `target` (any member's API).
+async fn try_join(node: &Node, target: &str) -> bool {
     let own = node.own_node();
     let body = serde_json::to_vec(&JoinRequest {
         node_id: node.id.0.clone(),
@@ -1457,32 +1531,64 @@ async fn join_loop(node: &Arc<Node>, target: &str, shutdown: &CancellationToken)
     })
     .unwrap_or_default();
     let path = format!("/join?node_id={}&addr={}", node.id.0, own.raft_addr);
+    match node
+        .http
+        .request(hyper::Method::POST, &api_url(target), &path, body)
+        .await
+    {
+        Ok((status, _)) if status.is_success() => {
+            tracing::info!(via = %target, "joined the cluster");
+            true
+        }
+        Ok((status, body)) => {
+            tracing::warn!(via = %target, %status, answer = %String::from_utf8_lossy(&body).trim(), "join refused; retrying");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(via = %target, error = %e, "join failed; retrying");
+            false
+        }
+    }
+}
+
+async fn joined(node: &Node) -> bool {
+    node.raft.is_initialized().await.unwrap_or(false)
+        && node.raft_metrics().current_leader.is_some()
+}
+
+/// Asks `target` (any member's API) to add us, until it succeeds or we are added.
+async fn join_loop(node: &Arc<Node>, target: &str, shutdown: &CancellationToken) {
     let mut delay = Duration::from_millis(200);
-    loop {
-        match node
-            .http
-            .request(hyper::Method::POST, &api_url(target), &path, body.clone())
-            .await
-        {
-            Ok((status, _)) if status.is_success() => {
-                tracing::info!(via = %target, "joined the cluster");
-                return;
-            }
-            Ok((status, body)) => {
-                tracing::warn!(via = %target, %status, answer = %String::from_utf8_lossy(&body).trim(), "join refused; retrying");
-            }
-            Err(e) => tracing::warn!(via = %target, error = %e, "join failed; retrying"),
-        }
-        if node.raft.is_initialized().await.unwrap_or(false)
-            && node.raft_metrics().current_leader.is_some()
-        {
-            return;
-        }
+    while !try_join(node, target).await && !joined(node).await {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// `--join auto`: join through the cores mDNS finds (priority order),
+/// waiting for one to appear.
+async fn join_discovered(node: &Arc<Node>, shutdown: &CancellationToken) {
+    let mut logged = Instant::now() - Duration::from_secs(60);
+    loop {
+        if joined(node).await {
+            return;
+        }
+        for api in node.peer_apis() {
+            if try_join(node, &api).await {
+                return;
+            }
+        }
+        if logged.elapsed() > Duration::from_secs(10) {
+            tracing::info!("looking for a cluster to join (mDNS)");
+            logged = Instant::now();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
     }
 }
 
@@ -1499,7 +1605,7 @@ async fn form_cluster(node: &Arc<Node>, shutdown: &CancellationToken) {
         }
         let mut found = BTreeMap::from([(node.id.clone(), node.own_node())]);
         let mut formed_peer = None;
-        for peer in &node.config.peers {
+        for peer in &node.peer_apis() {
             if let Ok((status, body)) = node
                 .http
                 .request(

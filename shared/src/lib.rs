@@ -13,6 +13,7 @@
 //! The wire protocol, config loading, discovery and the client library join
 //! this crate as the issues that need them land.
 
+pub mod discovery;
 pub mod identity;
 pub mod link;
 pub mod pki;
