@@ -1338,7 +1338,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tokio::spawn(bootstrap(node.clone(), shutdown.clone())),
     ];
 
-    write_node_file(&data_dir, &node.status());
+    write_node_file(&data_dir, &node.status(), api_https);
     tracing::info!(
         node_id = %config.node_id,
         cluster_id = %config.cluster_id,
@@ -1360,9 +1360,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
 }
 
 /// `<data_dir>/node.json`: where this node listens (tests and scripts read it).
-fn write_node_file(dir: &std::path::Path, status: &Status) {
+fn write_node_file(dir: &std::path::Path, status: &Status, api_https: bool) {
+    let scheme = if api_https { "https" } else { "http" };
     let doc = serde_json::json!({
         "node_id": status.node_id,
+        "api_url": format!("{scheme}://{}", status.addrs.api),
         "api_addr": status.addrs.api,
         "raft_addr": status.addrs.raft,
         "client_addr": status.addrs.client,

@@ -134,6 +134,7 @@ pub struct NodeProc {
     pub raft: Option<SocketAddr>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
     cwd: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -149,6 +150,7 @@ impl NodeProc {
             raft: None,
             args,
             env: Vec::new(),
+            netns: None,
             cwd: cwd.to_owned(),
             log: cwd.join(format!("{name}.log")),
             child: None,
@@ -161,6 +163,12 @@ impl NodeProc {
         self
     }
 
+    /// Runs the process inside network namespace `ns` (see `netns`).
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_owned());
+        self
+    }
+
     /// Starts the process and waits until it reports its addresses.
     pub async fn start(&mut self) {
         let node_file = self.data_dir.join("node.json");
@@ -170,7 +178,15 @@ impl NodeProc {
             .append(true)
             .open(&self.log)
             .expect("open log");
-        let mut cmd = Command::new(bin("core-node"));
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the program, so the child's pid is the node's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("core-node"));
+                c
+            }
+            None => Command::new(bin("core-node")),
+        };
         cmd.args(&self.args)
             .current_dir(&self.cwd)
             .env("RUST_LOG", "info,openraft=warn")
@@ -204,7 +220,7 @@ impl NodeProc {
             async move { doc }
         })
         .await;
-        self.api = format!("http://{}", doc["api_addr"].as_str().expect("api_addr"));
+        self.api = doc["api_url"].as_str().expect("api_url").to_owned();
         self.raft = doc["raft_addr"].as_str().and_then(|a| a.parse().ok());
     }
 

@@ -7,6 +7,7 @@
 //! checkout needs a `cargo build --workspace` first, and [`bin`] says so.
 
 pub mod cluster;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -786,7 +786,8 @@ async fn https_api_requires_operator_certificates() {
     args.extend(pki.node_args("node-1"));
     let mut node = NodeProc::new("node-1", &tmp.path().join("node-1"), tmp.path(), args);
     node.start().await;
-    let https = node.api.replace("http://", "https://");
+    let https = node.api.clone();
+    assert!(https.starts_with("https://"), "{https}");
     pki.issue(Role::Operator, "alice");
     pki.issue(Role::Client, "app");
     let file = |n: &str| tmp.path().join(n).display().to_string();
@@ -830,5 +831,9 @@ async fn https_api_requires_operator_certificates() {
     assert_eq!(wrong_role.code, Some(1), "{wrong_role:?}");
     assert!(!wrong_role.stdout.contains("leader"), "{wrong_role:?}");
     // Plain HTTP is not served on an HTTPS port.
-    assert!(get_json(&node.api, "/v1/status").await.is_none());
+    assert!(
+        get_json(&node.api.replace("https://", "http://"), "/v1/status")
+            .await
+            .is_none()
+    );
 }
