@@ -540,6 +540,37 @@ mod tests {
         assert_eq!(example, Config::default());
     }
 
+    /// Every per-mode example in deploy/modes parses, validates, and is the mode it says.
+    #[test]
+    fn mode_examples_are_valid() {
+        for (file, text, mode) in [
+            (
+                "single",
+                include_str!("../../deploy/modes/single.toml"),
+                Mode::Single,
+            ),
+            (
+                "local-cluster",
+                include_str!("../../deploy/modes/local-cluster.toml"),
+                Mode::LocalCluster,
+            ),
+            (
+                "multi-lan",
+                include_str!("../../deploy/modes/multi-lan.toml"),
+                Mode::MultiLan,
+            ),
+            (
+                "air-gapped",
+                include_str!("../../deploy/modes/air-gapped.toml"),
+                Mode::AirGapped,
+            ),
+        ] {
+            let c: Config = toml::from_str(text).unwrap_or_else(|e| panic!("{file}: {e}"));
+            c.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(c.mode(), mode, "{file}");
+        }
+    }
+
     #[test]
     fn modes_default_and_validate() {
         assert_eq!(Config::default().mode(), Mode::Single);
