@@ -115,16 +115,28 @@ impl RunResult {
     }
 }
 
-fn free_port() -> Result<u16> {
-    // Bind TCP and UDP on the same port so either protocol can use it.
-    for _ in 0..50 {
+/// `n` distinct ports free for both TCP and UDP; the probe sockets are held
+/// until all are picked so none is handed out twice.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..1000 {
+        if ports.len() == n {
+            return Ok(ports);
+        }
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = tcp.local_addr()?.port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
+        if let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            ports.push(port);
+            held.push((tcp, udp));
         }
     }
-    bail!("no free port found")
+    bail!("no free ports found")
+}
+
+/// `n` (API, Raft) port pairs.
+fn port_pairs(n: usize) -> Result<Vec<(u16, u16)>> {
+    Ok(free_ports(2 * n)?.chunks(2).map(|c| (c[0], c[1])).collect())
 }
 
 /// A cluster started by the bench; killed when dropped.
@@ -192,9 +204,7 @@ fn spawn_lanmesh(n: usize) -> Result<Spawned> {
     let tls = dir.path().join("tls");
     let ca = Ca::generate("bench", 30, KeyType::EcdsaP256)?;
     ca.write(&tls, false)?;
-    let ports: Vec<(u16, u16)> = (0..n)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<Result<_>>()?;
+    let ports = port_pairs(n)?;
     let mut nodes = Vec::new();
     for (i, (api, raft)) in ports.iter().enumerate() {
         let name = format!("node-{}", i + 1);
@@ -256,9 +266,7 @@ fn spawn_lanmesh(n: usize) -> Result<Spawned> {
 
 fn spawn_etcd(n: usize) -> Result<Spawned> {
     let dir = tempfile::tempdir()?;
-    let ports: Vec<(u16, u16)> = (0..n)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<Result<_>>()?;
+    let ports = port_pairs(n)?;
     let initial: Vec<String> = ports
         .iter()
         .enumerate()

@@ -42,18 +42,30 @@ where
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1, for both TCP and UDP.
-/// Used only where an address must be known before the process starts
-/// (`--peers`); everything else binds port 0.
-pub fn free_port() -> u16 {
-    for _ in 0..100 {
+/// `n` distinct ports that were free a moment ago on 127.0.0.1, for both TCP
+/// and UDP. Used only where an address must be known before the process
+/// starts (`--peers`); everything else binds port 0. The probe sockets are
+/// held until all `n` are picked, so the kernel cannot hand out one twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    let mut tries = 0;
+    while ports.len() < n {
+        tries += 1;
+        assert!(tries < 1000, "no free ports");
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
         let port = tcp.local_addr().expect("local addr").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        if let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            ports.push(port);
+            held.push((tcp, udp));
         }
     }
-    panic!("no free port")
+    ports
+}
+
+/// One port that was free a moment ago (see [`free_ports`]).
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
 }
 
 /// A plain HTTP call; `None` when nothing answered.
@@ -319,13 +331,18 @@ impl Cluster {
     /// `raft_toml` is extra `[raft]` configuration (empty for defaults).
     pub async fn start(n: usize, raft_toml: &str) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let cluster_id = "test".to_owned();
+        // Unique per cluster: these nodes announce themselves on mDNS, and a
+        // killed predecessor's announcement may still sit in caches.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n_cluster = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cluster_id = format!("t{}-{n_cluster}", std::process::id());
         let pki_dir = tmp.path().join("pki");
         std::fs::create_dir_all(&pki_dir).expect("pki dir");
         let pki = Pki::new(&pki_dir, &cluster_id);
         let config = tmp.path().join("node.toml");
         std::fs::write(&config, format!("[raft]\n{raft_toml}\n")).expect("config");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let flat = free_ports(2 * n);
+        let ports: Vec<(u16, u16)> = flat.chunks(2).map(|c| (c[0], c[1])).collect();
         let mut nodes = Vec::new();
         for (i, (api, raft)) in ports.iter().enumerate() {
             let name = format!("node-{}", i + 1);

@@ -377,7 +377,7 @@ async fn backup_and_restore() {
         "--node-id",
         "solo",
         "--cluster-id",
-        "test",
+        &cluster.cluster_id,
         "--data-dir",
         dir,
         "--api-addr",
@@ -419,8 +419,9 @@ async fn raft_port_refuses_foreign_certificates() {
     let cluster = Cluster::start(1, "").await;
     let raft_addr = cluster.nodes[0].raft.unwrap();
     let ca_pem = cluster.pki.ca.cert_pem().as_bytes().to_vec();
+    let cluster_id: &str = &cluster.cluster_id;
     let dial = |material: TlsMaterial| async move {
-        let policy = PeerPolicy::only("test", &[Role::Core]);
+        let policy = PeerPolicy::only(cluster_id, &[Role::Core]);
         let tls = tls::client_config(&material, policy, &[ALPN_RAFT]).unwrap();
         let endpoint = link::client_endpoint(
             tls::quinn_client_config(tls, Transport::default()).unwrap(),
