@@ -201,7 +201,7 @@ pub struct Addrs {
     pub api: SocketAddr,
     /// Raft (QUIC).
     pub raft: SocketAddr,
-    /// Client protocol (advertised; served from issue #5 on).
+    /// Client protocol (QUIC).
     pub client: SocketAddr,
 }
 
@@ -1061,6 +1061,7 @@ pub struct RunningNode {
     pub api_https: bool,
     tasks: Vec<JoinHandle<()>>,
     endpoint: quinn::Endpoint,
+    client_endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     discovery: Option<Discovery>,
 }
@@ -1209,6 +1210,33 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         addr: config.raft_addr,
         source,
     })?;
+    // The client port: TLS with optional client certificates (client or
+    // operator role of this cluster), so apps may also log in otherwise.
+    let client_policy =
+        PeerPolicy::only(config.cluster_id.clone(), &[Role::Client, Role::Operator])
+            .with_revoked(revoked.clone());
+    let client_tls = tls::server_config(
+        &material,
+        client_policy,
+        ClientAuth::Optional,
+        &[tls::ALPN_CLIENT],
+    )?;
+    let client_endpoint = link::server_endpoint(
+        tls::quinn_server_config(client_tls, transport)?,
+        config.client_addr,
+    )
+    .map_err(|source| StartError::Bind {
+        what: "the client port",
+        addr: config.client_addr,
+        source,
+    })?;
+    let client_bound = client_endpoint
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "the client port",
+            addr: config.client_addr,
+            source,
+        })?;
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
         .map_err(|source| StartError::Bind {
@@ -1224,7 +1252,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let addrs = Addrs {
         api: config.advertise(api_bound),
         raft: config.advertise(raft_bound),
-        client: config.advertise(config.client_addr),
+        client: config.advertise(client_bound),
     };
 
     let metrics = Arc::new(Metrics::new());
@@ -1334,6 +1362,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             node.clone(),
             shutdown.clone(),
         )),
+        tokio::spawn(crate::client_port::serve(
+            client_endpoint.clone(),
+            node.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(watch_metrics(node.clone(), shutdown.clone())),
         tokio::spawn(bootstrap(node.clone(), shutdown.clone())),
     ];
@@ -1354,6 +1387,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         api_https,
         tasks,
         endpoint,
+        client_endpoint,
         shutdown,
         discovery,
     })
@@ -1399,6 +1433,7 @@ impl RunningNode {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.endpoint.close(0u32.into(), b"shutdown");
+        self.client_endpoint.close(0u32.into(), b"shutdown");
         for t in self.tasks {
             t.abort();
         }

@@ -8,7 +8,9 @@
 //!   single-node default both use it);
 //! * [`tls`]: rustls/quinn configurations and the verifiers that enforce who may
 //!   talk on which link;
-//! * [`link`]: opening and accepting QUIC links, with refusals as typed errors.
+//! * [`link`]: opening and accepting QUIC links, with refusals as typed errors;
+//! * [`discovery`]: mDNS announcements and the live peer table;
+//! * [`proto`]: the client protocol (framing, messages, version negotiation) and `Client`.
 //!
 //! The wire protocol, config loading, discovery and the client library join
 //! this crate as the issues that need them land.
@@ -17,4 +19,5 @@ pub mod discovery;
 pub mod identity;
 pub mod link;
 pub mod pki;
+pub mod proto;
 pub mod tls;

@@ -144,6 +144,8 @@ pub struct NodeProc {
     pub api: String,
     /// Raft address once started.
     pub raft: Option<SocketAddr>,
+    /// Client protocol address once started.
+    pub client: Option<SocketAddr>,
     args: Vec<String>,
     env: Vec<(String, String)>,
     netns: Option<String>,
@@ -160,6 +162,7 @@ impl NodeProc {
             data_dir: data_dir.to_owned(),
             api: String::new(),
             raft: None,
+            client: None,
             args,
             env: Vec::new(),
             netns: None,
@@ -234,6 +237,7 @@ impl NodeProc {
         .await;
         self.api = doc["api_url"].as_str().expect("api_url").to_owned();
         self.raft = doc["raft_addr"].as_str().and_then(|a| a.parse().ok());
+        self.client = doc["client_addr"].as_str().and_then(|a| a.parse().ok());
     }
 
     /// `kill -9`.

@@ -1,0 +1,302 @@
+//! The client protocol (ALPN `lanmesh-client/1`), spoken by cores and, later,
+//! by edges, and the [`Client`] that apps and the CLI use.
+//!
+//! Framing: every message is one length-delimited frame (tokio-util's codec,
+//! 4-byte big-endian length, at most [`MAX_FRAME`] bytes) holding MessagePack
+//! (`rmp-serde`, fields by name so messages can grow).
+//!
+//! Exchange: the first bidirectional stream of a connection carries the
+//! [`Request::Hello`] with the versions the client speaks; the server answers
+//! with the version it picked, or an error frame. Every later bidirectional
+//! stream carries one request and one response. Every failure is a typed
+//! [`ErrorFrame`]; a bad frame fails its stream, never the server.
+//!
+//! This module holds the message types, the framing and the client; the
+//! server side lives with each node.
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::link::{self, LinkError};
+
+/// The protocol versions this build speaks, newest last.
+pub const VERSIONS: &[u16] = &[1];
+/// Largest frame accepted either way.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First frame of a connection: the versions the client speaks.
+    Hello {
+        /// Supported versions.
+        versions: Vec<u16>,
+        /// Free-form client name, for logs.
+        client: String,
+    },
+    /// Liveness check.
+    Ping,
+    /// Who the server thinks we are (needs a login).
+    Whoami,
+}
+
+/// A response from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The negotiated version and who answered.
+    Hello {
+        /// Chosen version.
+        version: u16,
+        /// Answering node.
+        node_id: String,
+        /// Its cluster.
+        cluster_id: String,
+    },
+    /// Answer to `Ping`.
+    Pong,
+    /// Answer to `Whoami`.
+    Identity {
+        /// Name (user, device, or certificate name).
+        subject: String,
+        /// Role.
+        role: String,
+    },
+    /// The request failed.
+    Error(ErrorFrame),
+}
+
+/// What went wrong, machine-readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame could not be decoded as a request.
+    Malformed,
+    /// The frame exceeded [`MAX_FRAME`].
+    FrameTooLarge,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// The first stream must carry `Hello`.
+    HelloRequired,
+    /// The request needs a login (client certificate or token).
+    NotLoggedIn,
+    /// Logged in, but not allowed.
+    Forbidden,
+    /// Temporarily unable (no leader, shutting down): retry.
+    Unavailable,
+    /// A server-side failure.
+    Internal,
+}
+
+/// A typed error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ErrorFrame {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// An error answer.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorFrame {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended before a whole frame.
+    #[error("stream ended before a frame")]
+    Closed,
+    /// Larger than [`MAX_FRAME`].
+    #[error("frame larger than {MAX_FRAME} bytes")]
+    TooLarge,
+    /// Not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream failed.
+    #[error("stream error: {0}")]
+    Io(std::io::Error),
+}
+
+impl FrameError {
+    /// The error frame that tells the peer about this failure.
+    pub fn to_error_frame(&self) -> ErrorFrame {
+        match self {
+            FrameError::TooLarge => ErrorFrame::new(ErrorCode::FrameTooLarge, self.to_string()),
+            _ => ErrorFrame::new(ErrorCode::Malformed, self.to_string()),
+        }
+    }
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Writes one message as one frame and finishes the stream.
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let bytes = rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge);
+    }
+    let mut framed = FramedWrite::new(&mut *send, codec());
+    framed
+        .send(Bytes::from(bytes))
+        .await
+        .map_err(FrameError::Io)?;
+    drop(framed);
+    send.finish()
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    Ok(())
+}
+
+/// Reads one frame and decodes it.
+pub async fn read_frame<T: for<'de> Deserialize<'de>>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, FrameError> {
+    let mut framed = FramedRead::new(recv, codec());
+    match framed.next().await {
+        None => Err(FrameError::Closed),
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Err(FrameError::TooLarge),
+        Some(Err(e)) => Err(FrameError::Io(e)),
+        Some(Ok(frame)) => {
+            rmp_serde::from_slice(&frame).map_err(|e| FrameError::Malformed(e.to_string()))
+        }
+    }
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No connection (refused certificate, unreachable, timeout).
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The server answered with an error frame.
+    #[error("server refused: {0}")]
+    Server(ErrorFrame),
+    /// The exchange failed.
+    #[error("protocol error: {0}")]
+    Frame(#[from] FrameError),
+    /// The stream could not be opened.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+/// A negotiated connection to a core or an edge.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: quinn::Connection,
+    /// Negotiated protocol version.
+    pub version: u16,
+    /// The node that answered.
+    pub node_id: String,
+    /// Its cluster.
+    pub cluster_id: String,
+}
+
+impl Client {
+    /// Connects (TLS per the endpoint's client config, ALPN `lanmesh-client/1`)
+    /// and negotiates the version.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: std::net::SocketAddr,
+        client_name: &str,
+    ) -> Result<Self, ClientError> {
+        let link = link::connect(
+            endpoint,
+            addr,
+            "lanmesh",
+            None,
+            link::DEFAULT_HANDSHAKE_TIMEOUT,
+        )
+        .await?;
+        let hello = Request::Hello {
+            versions: VERSIONS.to_vec(),
+            client: client_name.to_owned(),
+        };
+        match call(&link.conn, &hello).await? {
+            Response::Hello {
+                version,
+                node_id,
+                cluster_id,
+            } => Ok(Client {
+                conn: link.conn,
+                version,
+                node_id,
+                cluster_id,
+            }),
+            other => Err(ClientError::Frame(FrameError::Malformed(format!(
+                "expected Hello, got {other:?}"
+            )))),
+        }
+    }
+
+    /// One request, one response; an error frame becomes `ClientError::Server`.
+    pub async fn request(&self, req: &Request) -> Result<Response, ClientError> {
+        call(&self.conn, req).await
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+/// Sends `req` on a new bidirectional stream and reads the answer.
+pub async fn call(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, req).await?;
+    match read_frame::<Response>(&mut recv).await? {
+        Response::Error(e) => Err(ClientError::Server(e)),
+        ok => Ok(ok),
+    }
+}
+
+/// Sends raw bytes (not a frame) on a new stream and reads the answer: for
+/// tests that the server survives garbage.
+pub async fn call_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Response, ClientError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(bytes)
+        .await
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    send.finish()
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    match read_frame::<Response>(&mut recv).await? {
+        Response::Error(e) => Err(ClientError::Server(e)),
+        ok => Ok(ok),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for r in [
+            Request::Hello {
+                versions: vec![1, 2],
+                client: "t".into(),
+            },
+            Request::Ping,
+            Request::Whoami,
+        ] {
+            let b = rmp_serde::to_vec_named(&r).unwrap();
+            assert_eq!(rmp_serde::from_slice::<Request>(&b).unwrap(), r);
+        }
+        let e = Response::Error(ErrorFrame::new(ErrorCode::NotLoggedIn, "x"));
+        let b = rmp_serde::to_vec_named(&e).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Response>(&b).unwrap(), e);
+    }
+}

@@ -1,0 +1,154 @@
+//! The client protocol on a real core node's client port: version
+//! negotiation, login by client certificate, and typed errors for garbage,
+//! oversized frames, an unknown version and a request before Hello — with
+//! the server serving this and other clients throughout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use lanmesh_shared::identity::Role;
+use lanmesh_shared::link::{self, AlertReason, LinkError};
+use lanmesh_shared::proto::{
+    Client, ClientError, ErrorCode, MAX_FRAME, Request, Response, call, call_raw,
+};
+use lanmesh_shared::tls::{self, ALPN_CLIENT, PeerPolicy, TlsMaterial, Transport};
+use lanmesh_tests::cluster::{Cluster, Pki};
+
+fn endpoint(pki: &Pki, cluster: &str, who: Option<&str>, addr: SocketAddr) -> quinn::Endpoint {
+    let ca = pki.ca.cert_pem().as_bytes().to_vec();
+    let material = match who {
+        None => TlsMaterial::from_pem(&ca, None, None).unwrap(),
+        Some(name) => {
+            let cert = std::fs::read(pki.dir.join(format!("{name}.crt"))).unwrap();
+            let key = std::fs::read(pki.dir.join(format!("{name}.key"))).unwrap();
+            TlsMaterial::from_pem(&ca, Some((&cert, &key)), None).unwrap()
+        }
+    };
+    let tls = tls::client_config(
+        &material,
+        PeerPolicy::only(cluster, &[Role::Core]),
+        &[ALPN_CLIENT],
+    )
+    .unwrap();
+    link::client_endpoint(
+        tls::quinn_client_config(tls, Transport::default()).unwrap(),
+        addr,
+    )
+    .unwrap()
+}
+
+fn server_code(r: Result<Response, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Server(e)) => e.code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+/// Hello negotiates version 1; Ping works; Whoami needs a login and reports
+/// the certificate's identity once logged in; bad frames get typed errors and
+/// the same connection keeps working; so do other clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_port_negotiates_authenticates_and_survives_bad_frames() {
+    let cluster = Cluster::start(1, "").await;
+    let addr = cluster.nodes[0].client.unwrap();
+    let id = cluster.cluster_id.clone();
+
+    let anon = Client::connect(&endpoint(&cluster.pki, &id, None, addr), addr, "test")
+        .await
+        .unwrap();
+    assert_eq!((anon.version, anon.node_id.as_str()), (1, "node-1"));
+    assert_eq!(anon.request(&Request::Ping).await.unwrap(), Response::Pong);
+    assert_eq!(
+        server_code(anon.request(&Request::Whoami).await),
+        ErrorCode::NotLoggedIn
+    );
+
+    cluster.pki.issue(Role::Client, "sensor-7");
+    let logged = Client::connect(
+        &endpoint(&cluster.pki, &id, Some("sensor-7"), addr),
+        addr,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        logged.request(&Request::Whoami).await.unwrap(),
+        Response::Identity {
+            subject: "sensor-7".into(),
+            role: "client".into()
+        }
+    );
+
+    // Garbage that frames as 5 bytes of nonsense.
+    let code =
+        server_code(call_raw(anon.connection(), b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1").await);
+    assert_eq!(code, ErrorCode::Malformed);
+    // A frame declaring more than MAX_FRAME bytes.
+    let mut big = ((MAX_FRAME as u32) + 1).to_be_bytes().to_vec();
+    big.extend_from_slice(&[0u8; 1024]);
+    assert_eq!(
+        server_code(call_raw(anon.connection(), &big).await),
+        ErrorCode::FrameTooLarge
+    );
+    // Bytes that do not even make a length prefix.
+    assert!(call_raw(anon.connection(), b"\x01").await.is_err());
+    // The same connection and the other client are still served.
+    assert_eq!(anon.request(&Request::Ping).await.unwrap(), Response::Pong);
+    assert_eq!(
+        logged.request(&Request::Ping).await.unwrap(),
+        Response::Pong
+    );
+}
+
+/// An unknown protocol version and a request before Hello each get a typed
+/// error; a certificate of a role not allowed on the client port is refused in
+/// the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiation_failures_are_typed() {
+    let cluster = Cluster::start(1, "").await;
+    let addr = cluster.nodes[0].client.unwrap();
+    let id = cluster.cluster_id.clone();
+    let ep = endpoint(&cluster.pki, &id, None, addr);
+
+    let l = link::connect(&ep, addr, "lanmesh", None, link::DEFAULT_HANDSHAKE_TIMEOUT)
+        .await
+        .unwrap();
+    let hello9 = Request::Hello {
+        versions: vec![9],
+        client: "future".into(),
+    };
+    assert_eq!(
+        server_code(call(&l.conn, &hello9).await),
+        ErrorCode::UnsupportedVersion
+    );
+
+    let l = link::connect(&ep, addr, "lanmesh", None, link::DEFAULT_HANDSHAKE_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        server_code(call(&l.conn, &Request::Ping).await),
+        ErrorCode::HelloRequired
+    );
+
+    cluster.pki.issue(Role::Edge, "edge-1");
+    let refused = Client::connect(
+        &endpoint(&cluster.pki, &id, Some("edge-1"), addr),
+        addr,
+        "edge",
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Link(LinkError::RefusedByPeer {
+                reason: AlertReason::NotPermitted,
+                ..
+            }))
+        ),
+        "{refused:?}"
+    );
+    // And the port still serves a good client.
+    let ok = Client::connect(&ep, addr, "after").await.unwrap();
+    assert_eq!(ok.request(&Request::Ping).await.unwrap(), Response::Pong);
+}
