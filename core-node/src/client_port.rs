@@ -7,20 +7,35 @@
 //! response. A malformed or oversized frame gets a typed error frame on its
 //! own stream and the connection, and every other client, carry on.
 //!
-//! Login today is by client certificate (`client` or `operator` role of this
-//! cluster, checked in the TLS handshake); password login and tokens, and
-//! the messaging, presence and audit requests, come with the rest of #5.
+//! Login: by client certificate (`client` or `operator` role of this
+//! cluster, checked in the TLS handshake), by `Login` (user and password,
+//! checked against the Argon2id hash in the users registry; answers a token
+//! signed with the cluster key), or by `Authenticate` with such a token. A
+//! token is refused once its user is deleted. Messaging, presence and audit
+//! requests come with the rest of #5.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use lanmesh_shared::identity::Identity;
 use lanmesh_shared::link;
 use lanmesh_shared::proto::{
     ErrorCode, ErrorFrame, FrameError, Request, Response, VERSIONS, read_frame, write_frame,
 };
+use lanmesh_shared::token::{self, Claims};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
+use crate::store::{self, Registry};
+
+/// How long a login token is valid.
+pub const TOKEN_TTL_SECS: i64 = 12 * 3600;
+
+/// Who a connection is logged in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    subject: String,
+    role: String,
+}
 
 /// Application close code: the client failed version negotiation.
 const CLOSE_NEGOTIATION: u32 = 0x4c10;
@@ -90,6 +105,10 @@ async fn connection(
         conn.close(CLOSE_NEGOTIATION.into(), b"version negotiation failed");
         return;
     }
+    let session = Arc::new(Mutex::new(peer.map(|id| Session {
+        subject: id.name,
+        role: id.role.to_string(),
+    })));
     loop {
         let (mut send, mut recv) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -98,10 +117,11 @@ async fn connection(
                 Err(_) => return,
             },
         };
-        let peer = peer.clone();
+        let session = session.clone();
+        let node = node.clone();
         tokio::spawn(async move {
             let response = match read_frame::<Request>(&mut recv).await {
-                Ok(req) => handle(req, peer.as_ref()),
+                Ok(req) => handle(req, &node, &session).await,
                 Err(FrameError::Closed) => return,
                 Err(e) => {
                     tracing::debug!(%remote, error = %e, "bad frame from client");
@@ -113,22 +133,133 @@ async fn connection(
     }
 }
 
-fn handle(req: Request, peer: Option<&Identity>) -> Response {
-    match req {
-        Request::Ping => Response::Pong,
-        Request::Hello { .. } => Response::Error(ErrorFrame::new(
+async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> Response {
+    let result = match req {
+        Request::Ping => Ok(Response::Pong),
+        Request::Hello { .. } => Err(ErrorFrame::new(
             ErrorCode::Malformed,
             "Hello was already negotiated",
         )),
-        Request::Whoami => match peer {
-            Some(id) => Response::Identity {
-                subject: id.name.clone(),
-                role: id.role.to_string(),
-            },
-            None => Response::Error(ErrorFrame::new(
+        Request::Whoami => match session.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(s) => Ok(Response::Identity {
+                subject: s.subject,
+                role: s.role,
+            }),
+            None => Err(ErrorFrame::new(
                 ErrorCode::NotLoggedIn,
-                "log in first (a client certificate; password login comes with tokens)",
+                "log in first (Login, Authenticate with a token, or a client certificate)",
             )),
         },
+        Request::Login { user, password } => {
+            login(node, &user, &password).await.map(|(claims, token)| {
+                *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Session {
+                    subject: claims.sub.clone(),
+                    role: claims.roles.first().cloned().unwrap_or_default(),
+                });
+                Response::Token {
+                    token,
+                    subject: claims.sub,
+                    expires_at: claims.exp,
+                }
+            })
+        }
+        Request::Authenticate { token } => authenticate(node, &token).map(|claims| {
+            let s = Session {
+                subject: claims.sub,
+                role: claims.roles.first().cloned().unwrap_or_default(),
+            };
+            *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+            Response::Identity {
+                subject: s.subject,
+                role: s.role,
+            }
+        }),
+    };
+    result.unwrap_or_else(Response::Error)
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::Internal, e.to_string())
+}
+
+fn signing_key(node: &Node) -> Result<Vec<u8>, ErrorFrame> {
+    node.query(store::token_key)
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ErrorFrame::new(
+                ErrorCode::Unavailable,
+                "the cluster has no token key yet (bootstrapping); retry",
+            )
+        })
+}
+
+/// Checks a password against the users registry and issues a token.
+async fn login(node: &Node, user: &str, password: &str) -> Result<(Claims, String), ErrorFrame> {
+    let bad = || ErrorFrame::new(ErrorCode::BadCredentials, "unknown user or wrong password");
+    let entry = node
+        .query(|c| store::registry_get(c, Registry::Users, user))
+        .map_err(internal)?
+        .ok_or_else(bad)?;
+    let hash = entry.data["password_hash"]
+        .as_str()
+        .ok_or_else(bad)?
+        .to_owned();
+    let password = password.to_owned();
+    // Argon2 is deliberately slow: keep it off the async workers.
+    let ok = tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        PasswordHash::new(&hash)
+            .map(|h| {
+                argon2::Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .map_err(internal)?;
+    if !ok {
+        tracing::info!(user, "failed login");
+        return Err(bad());
     }
+    let roles = entry.data["roles"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| vec!["user".to_owned()]);
+    let now = token::now();
+    let claims = Claims {
+        cluster: node.config().cluster_id.clone(),
+        sub: user.to_owned(),
+        kind: "user".into(),
+        roles,
+        iat: now,
+        exp: now + TOKEN_TTL_SECS,
+    };
+    let token = token::sign(&signing_key(node)?, &claims).map_err(internal)?;
+    tracing::info!(user, "login");
+    Ok((claims, token))
+}
+
+/// Checks a token: signature, cluster, expiry, and that its user still exists.
+fn authenticate(node: &Node, token: &str) -> Result<Claims, ErrorFrame> {
+    let public = token::public_key(&signing_key(node)?).map_err(internal)?;
+    let claims = token::verify(&public, token, &node.config().cluster_id, token::now())
+        .map_err(|e| ErrorFrame::new(ErrorCode::InvalidToken, e.to_string()))?;
+    if claims.kind == "user"
+        && node
+            .query(|c| store::registry_get(c, Registry::Users, &claims.sub))
+            .map_err(internal)?
+            .is_none()
+    {
+        return Err(ErrorFrame::new(
+            ErrorCode::InvalidToken,
+            format!("user {:?} no longer exists", claims.sub),
+        ));
+    }
+    Ok(claims)
 }

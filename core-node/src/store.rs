@@ -409,6 +409,17 @@ pub fn cluster_id(conn: &Connection) -> rusqlite::Result<Option<String>> {
     Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
+/// The token-signing key (PKCS#8 Ed25519), created at bootstrap. It never
+/// leaves the cores.
+pub fn token_key(conn: &Connection) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row(
+        "SELECT value FROM sm_meta WHERE key = 'token_key'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 /// Whether a token-signing key exists (the key itself never leaves the cores).
 pub fn has_token_key(conn: &Connection) -> rusqlite::Result<bool> {
     Ok(conn

@@ -10,7 +10,8 @@
 //!   talk on which link;
 //! * [`link`]: opening and accepting QUIC links, with refusals as typed errors;
 //! * [`discovery`]: mDNS announcements and the live peer table;
-//! * [`proto`]: the client protocol (framing, messages, version negotiation) and `Client`.
+//! * [`proto`]: the client protocol (framing, messages, version negotiation) and `Client`;
+//! * [`token`]: login tokens signed with the cluster's Ed25519 key.
 //!
 //! The wire protocol, config loading, discovery and the client library join
 //! this crate as the issues that need them land.
@@ -21,3 +22,4 @@ pub mod link;
 pub mod pki;
 pub mod proto;
 pub mod tls;
+pub mod token;

@@ -40,6 +40,19 @@ pub enum Request {
     Ping,
     /// Who the server thinks we are (needs a login).
     Whoami,
+    /// Log in with a user name and password; answers `Token` and logs this
+    /// connection in.
+    Login {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// Log this connection in with a token from an earlier `Login`.
+    Authenticate {
+        /// The token.
+        token: String,
+    },
 }
 
 /// A response from the server.
@@ -63,6 +76,15 @@ pub enum Response {
         /// Role.
         role: String,
     },
+    /// A login token (answer to `Login`).
+    Token {
+        /// The token: present it with `Authenticate` on later connections.
+        token: String,
+        /// Who it is for.
+        subject: String,
+        /// Expiry, Unix seconds.
+        expires_at: i64,
+    },
     /// The request failed.
     Error(ErrorFrame),
 }
@@ -82,6 +104,11 @@ pub enum ErrorCode {
     NotLoggedIn,
     /// Logged in, but not allowed.
     Forbidden,
+    /// Unknown user or wrong password (deliberately not told apart).
+    BadCredentials,
+    /// A token that is forged, expired, for another cluster, or whose subject
+    /// was revoked.
+    InvalidToken,
     /// Temporarily unable (no leader, shutting down): retry.
     Unavailable,
     /// A server-side failure.

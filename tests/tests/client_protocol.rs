@@ -152,3 +152,112 @@ async fn negotiation_failures_are_typed() {
     let ok = Client::connect(&ep, addr, "after").await.unwrap();
     assert_eq!(ok.request(&Request::Ping).await.unwrap(), Response::Pong);
 }
+
+/// Password login answers a token signed by the cluster key; the token logs a
+/// new connection in; wrong passwords, unknown users, altered and forged
+/// tokens get typed errors; deleting the user revokes the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_login_and_tokens() {
+    use hyper::{Method, StatusCode};
+    use lanmesh_tests::cluster::{http, wait_for};
+    use std::time::Duration;
+
+    let cluster = Cluster::start(1, "").await;
+    let addr = cluster.nodes[0].client.unwrap();
+    let api = cluster.nodes[0].api.clone();
+    let id = cluster.cluster_id.clone();
+    let (s, _) = http(
+        Method::POST,
+        &api,
+        "/v1/users",
+        br#"{"name":"alice","password":"s3cret"}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, StatusCode::CREATED);
+
+    let ep = endpoint(&cluster.pki, &id, None, addr);
+    let c = Client::connect(&ep, addr, "test").await.unwrap();
+    let login = |user: &str, password: &str| Request::Login {
+        user: user.into(),
+        password: password.into(),
+    };
+    assert_eq!(
+        server_code(c.request(&login("alice", "wrong")).await),
+        ErrorCode::BadCredentials
+    );
+    assert_eq!(
+        server_code(c.request(&login("bob", "s3cret")).await),
+        ErrorCode::BadCredentials
+    );
+    assert_eq!(
+        server_code(c.request(&Request::Whoami).await),
+        ErrorCode::NotLoggedIn
+    );
+    // The token key is written right after the first election: allow for it.
+    let token = wait_for("a login token", Duration::from_secs(20), || {
+        let c = c.clone();
+        async move {
+            match c.request(&login("alice", "s3cret")).await {
+                Ok(Response::Token { token, subject, .. }) if subject == "alice" => Some(token),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        c.request(&Request::Whoami).await.unwrap(),
+        Response::Identity {
+            subject: "alice".into(),
+            role: "user".into()
+        }
+    );
+
+    // A fresh connection logs in with the token alone.
+    let fresh = Client::connect(&ep, addr, "test").await.unwrap();
+    let auth = |t: &str| Request::Authenticate { token: t.into() };
+    assert!(matches!(
+        fresh.request(&auth(&token)).await.unwrap(),
+        Response::Identity { .. }
+    ));
+    assert!(matches!(
+        fresh.request(&Request::Whoami).await.unwrap(),
+        Response::Identity { .. }
+    ));
+
+    // Altered claims, and a token from another cluster's key.
+    let (body, sig) = token.split_once('.').unwrap();
+    let altered = format!("{}x.{sig}", &body[..body.len() - 1]);
+    assert_eq!(
+        server_code(fresh.request(&auth(&altered)).await),
+        ErrorCode::InvalidToken
+    );
+    let rogue_key =
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let forged = lanmesh_shared::token::sign(
+        rogue_key.as_ref(),
+        &lanmesh_shared::token::Claims {
+            cluster: id.clone(),
+            sub: "alice".into(),
+            kind: "user".into(),
+            roles: vec!["admin".into()],
+            iat: 0,
+            exp: i64::MAX,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        server_code(fresh.request(&auth(&forged)).await),
+        ErrorCode::InvalidToken
+    );
+
+    // Deleting the user revokes the token.
+    let (s, _) = http(Method::DELETE, &api, "/v1/users/alice", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        server_code(fresh.request(&auth(&token)).await),
+        ErrorCode::InvalidToken
+    );
+}
