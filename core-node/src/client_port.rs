@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use lanmesh_shared::identity::Identity;
 use lanmesh_shared::link;
 use lanmesh_shared::proto::{
-    ErrorCode, ErrorFrame, FrameError, Request, Response, VERSIONS, read_frame, write_frame,
+    ErrorCode, ErrorFrame, FrameError, FrameWriter, Request, Response, VERSIONS, read_frame,
+    write_frame,
 };
 use lanmesh_shared::token::{self, Claims};
 use tokio_util::sync::CancellationToken;
@@ -121,6 +122,10 @@ async fn connection(
         let node = node.clone();
         tokio::spawn(async move {
             let response = match read_frame::<Request>(&mut recv).await {
+                Ok(Request::Subscribe { channel }) => {
+                    subscription(&mut send, &channel, &node, &session).await;
+                    return;
+                }
                 Ok(req) => handle(req, &node, &session).await,
                 Err(FrameError::Closed) => return,
                 Err(e) => {
@@ -163,6 +168,28 @@ async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> 
                 }
             })
         }
+        Request::Post {
+            channel,
+            body,
+            idempotency_key,
+        } => post(node, session, &channel, body, idempotency_key).await,
+        Request::History {
+            channel,
+            after,
+            limit,
+        } => logged_in(session)
+            .and_then(|_| channel_exists(node, &channel))
+            .and_then(|()| {
+                node.messages()
+                    .history(&channel, after, limit)
+                    .map(Response::Messages)
+                    .map_err(internal)
+            }),
+        // Served on its own stream by `subscription`.
+        Request::Subscribe { .. } => Err(ErrorFrame::new(
+            ErrorCode::Internal,
+            "subscriptions have their own stream",
+        )),
         Request::Authenticate { token } => authenticate(node, &token).map(|claims| {
             let s = Session {
                 subject: claims.sub,
@@ -176,6 +203,101 @@ async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> 
         }),
     };
     result.unwrap_or_else(Response::Error)
+}
+
+/// Longest accepted idempotency key.
+const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+fn logged_in(session: &Mutex<Option<Session>>) -> Result<Session, ErrorFrame> {
+    session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| ErrorFrame::new(ErrorCode::NotLoggedIn, "log in first"))
+}
+
+fn channel_exists(node: &Node, channel: &str) -> Result<(), ErrorFrame> {
+    match node
+        .query(|c| store::registry_get(c, Registry::Channels, channel))
+        .map_err(internal)?
+    {
+        Some(_) => Ok(()),
+        None => Err(ErrorFrame::new(
+            ErrorCode::NotFound,
+            format!("no channel {channel:?}"),
+        )),
+    }
+}
+
+async fn post(
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+    channel: &str,
+    body: Vec<u8>,
+    idempotency_key: String,
+) -> Result<Response, ErrorFrame> {
+    let who = logged_in(session)?;
+    if idempotency_key.is_empty() || idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ErrorFrame::new(
+            ErrorCode::Malformed,
+            format!("idempotency_key must be 1..={MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    channel_exists(node, channel)?;
+    let store = node.messages().clone();
+    let channel = channel.to_owned();
+    let (m, duplicate) = tokio::task::spawn_blocking(move || {
+        store.post(&channel, &who.subject, &body, &idempotency_key)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    Ok(Response::Posted {
+        origin: m.origin,
+        seq: m.seq,
+        duplicate,
+    })
+}
+
+/// Serves one subscription: `Subscribed`, then every new message of the
+/// channel on this stream until the client goes away.
+async fn subscription(
+    send: &mut quinn::SendStream,
+    channel: &str,
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+) {
+    let check = logged_in(session).and_then(|_| channel_exists(node, channel));
+    // Subscribe before answering, so nothing posted after `Subscribed` is missed.
+    let mut live = node.messages().subscribe();
+    let mut out = FrameWriter::new(send);
+    if let Err(e) = check {
+        let _ = out.send(&Response::Error(e)).await;
+        return;
+    }
+    if out.send(&Response::Subscribed).await.is_err() {
+        return;
+    }
+    loop {
+        match live.recv().await {
+            Ok(m) if m.channel == channel => {
+                if out.send(&Response::Message(m)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                let e = ErrorFrame::new(
+                    ErrorCode::Unavailable,
+                    format!("subscriber too slow: {n} messages skipped; read them with History"),
+                );
+                if out.send(&Response::Error(e)).await.is_err() {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> ErrorFrame {

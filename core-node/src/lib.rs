@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client_port;
 pub mod config;
 pub mod http;
+pub mod messages;
 pub mod metrics;
 pub mod node;
 pub mod raft;

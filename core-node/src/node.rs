@@ -277,6 +277,8 @@ pub struct Node {
     api_https: bool,
     /// Cores found by mDNS (local-cluster / multi-lan modes).
     discovered: Option<tokio::sync::watch::Receiver<discovery::Peers>>,
+    /// This node's messages (not replicated through Raft).
+    messages: Arc<crate::messages::MessageStore>,
 }
 
 impl std::fmt::Debug for Node {
@@ -300,6 +302,11 @@ impl Node {
     /// The configuration it runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// This node's message store.
+    pub fn messages(&self) -> &Arc<crate::messages::MessageStore> {
+        &self.messages
     }
 
     /// Its metrics.
@@ -1263,6 +1270,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     .map_err(StartError::Storage)?;
     let sm = StateMachine::open(&data_dir, Some(metrics.clone()), revoked.clone())
         .map_err(StartError::Storage)?;
+    let messages = Arc::new(
+        crate::messages::MessageStore::open(&data_dir.join("messages.db"), &config.node_id)
+            .map_err(StartError::Storage)?,
+    );
     let raft_config = config
         .raft_config()
         .validate()
@@ -1347,6 +1358,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         http,
         api_https,
         discovered: discovery.as_ref().map(Discovery::peers),
+        messages,
     });
 
     let tasks = vec![

@@ -53,6 +53,53 @@ pub enum Request {
         /// The token.
         token: String,
     },
+    /// Post a message to a channel. Retrying with the same `idempotency_key`
+    /// stores it once and answers the first post's id.
+    Post {
+        /// Channel name.
+        channel: String,
+        /// Message body.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        /// Chosen by the client, unique per message it means to send.
+        idempotency_key: String,
+    },
+    /// A page of a channel's history, oldest first: messages received after
+    /// `after` (a receive position from an earlier page), at most `limit`.
+    History {
+        /// Channel name.
+        channel: String,
+        /// Receive position to continue after (0 = from the start).
+        after: u64,
+        /// Page size (capped by the server).
+        limit: u32,
+    },
+    /// Subscribe to a channel: answered `Subscribed` on this stream, which then
+    /// stays open and carries every new message as a `Message` frame.
+    Subscribe {
+        /// Channel name.
+        channel: String,
+    },
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The node that first accepted it.
+    pub origin: String,
+    /// Its sequence number at that node.
+    pub seq: u64,
+    /// Channel.
+    pub channel: String,
+    /// Logged-in sender.
+    pub sender: String,
+    /// Server timestamp, Unix milliseconds.
+    pub ts_ms: i64,
+    /// Body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// Position in this node's store (for history paging).
+    pub pos: u64,
 }
 
 /// A response from the server.
@@ -85,6 +132,21 @@ pub enum Response {
         /// Expiry, Unix seconds.
         expires_at: i64,
     },
+    /// A post was stored (or, for a retried idempotency key, had been).
+    Posted {
+        /// Origin node of the stored message.
+        origin: String,
+        /// Its sequence number there.
+        seq: u64,
+        /// True when this was a retry of an earlier post.
+        duplicate: bool,
+    },
+    /// A page of history.
+    Messages(Vec<Message>),
+    /// The subscription is live; `Message` frames follow on this stream.
+    Subscribed,
+    /// A pushed message (on a subscription stream).
+    Message(Message),
     /// The request failed.
     Error(ErrorFrame),
 }
@@ -109,6 +171,8 @@ pub enum ErrorCode {
     /// A token that is forged, expired, for another cluster, or whose subject
     /// was revoked.
     InvalidToken,
+    /// The named channel (or other object) does not exist.
+    NotFound,
     /// Temporarily unable (no leader, shutting down): retry.
     Unavailable,
     /// A server-side failure.
@@ -186,6 +250,39 @@ pub async fn write_frame<T: Serialize>(
     send.finish()
         .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
     Ok(())
+}
+
+/// Writes a sequence of frames on one stream (subscription pushes).
+pub struct FrameWriter<'a> {
+    inner: FramedWrite<&'a mut quinn::SendStream, LengthDelimitedCodec>,
+}
+
+impl std::fmt::Debug for FrameWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWriter").finish_non_exhaustive()
+    }
+}
+
+impl<'a> FrameWriter<'a> {
+    /// Frames on `send`, which stays open.
+    pub fn new(send: &'a mut quinn::SendStream) -> Self {
+        FrameWriter {
+            inner: FramedWrite::new(send, codec()),
+        }
+    }
+
+    /// Writes one message.
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        let bytes =
+            rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        if bytes.len() > MAX_FRAME {
+            return Err(FrameError::TooLarge);
+        }
+        self.inner
+            .send(Bytes::from(bytes))
+            .await
+            .map_err(FrameError::Io)
+    }
 }
 
 /// Reads one frame and decodes it.
@@ -274,9 +371,71 @@ impl Client {
         call(&self.conn, req).await
     }
 
+    /// Subscribes to `channel`; the returned [`Subscription`] yields every new
+    /// message of the channel.
+    pub async fn subscribe(&self, channel: &str) -> Result<Subscription, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let req = Request::Subscribe {
+            channel: channel.to_owned(),
+        };
+        let bytes =
+            rmp_serde::to_vec_named(&req).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        FramedWrite::new(&mut send, codec())
+            .send(Bytes::from(bytes))
+            .await
+            .map_err(FrameError::Io)?;
+        let mut sub = Subscription {
+            _send: send,
+            frames: FramedRead::new(recv, codec()),
+        };
+        match sub.frame().await? {
+            Response::Subscribed => Ok(sub),
+            Response::Error(e) => Err(ClientError::Server(e)),
+            other => Err(ClientError::Frame(FrameError::Malformed(format!(
+                "expected Subscribed, got {other:?}"
+            )))),
+        }
+    }
+
     /// The underlying connection.
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
+    }
+}
+
+/// A live subscription: the stream stays open and carries pushed messages.
+pub struct Subscription {
+    _send: quinn::SendStream,
+    frames: FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    async fn frame(&mut self) -> Result<Response, ClientError> {
+        match self.frames.next().await {
+            None => Err(FrameError::Closed.into()),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(FrameError::TooLarge.into())
+            }
+            Some(Err(e)) => Err(FrameError::Io(e).into()),
+            Some(Ok(f)) => {
+                rmp_serde::from_slice(&f).map_err(|e| FrameError::Malformed(e.to_string()).into())
+            }
+        }
+    }
+
+    /// The next pushed message.
+    pub async fn next(&mut self) -> Result<Message, ClientError> {
+        match self.frame().await? {
+            Response::Message(m) => Ok(m),
+            Response::Error(e) => Err(ClientError::Server(e)),
+            other => Err(FrameError::Malformed(format!("expected Message, got {other:?}")).into()),
+        }
     }
 }
 

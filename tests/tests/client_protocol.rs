@@ -261,3 +261,125 @@ async fn password_login_and_tokens() {
         ErrorCode::InvalidToken
     );
 }
+
+/// Messaging on one node: a post reaches a subscriber on another connection
+/// at once; a retried post (same idempotency key) is stored and delivered
+/// once; history pages in receive order; an unknown channel, and posting or
+/// subscribing before login, get typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_subscribe_history_on_one_node() {
+    use hyper::{Method, StatusCode};
+    use lanmesh_tests::cluster::{http, wait_for};
+    use std::time::Duration;
+
+    let cluster = Cluster::start(1, "").await;
+    let addr = cluster.nodes[0].client.unwrap();
+    let api = cluster.nodes[0].api.clone();
+    let id = cluster.cluster_id.clone();
+    for (path, body) in [
+        ("/v1/users", &br#"{"name":"alice","password":"pw"}"#[..]),
+        ("/v1/channels", &br#"{"name":"ops"}"#[..]),
+    ] {
+        let (s, _) = http(Method::POST, &api, path, body.to_vec()).await.unwrap();
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let ep = endpoint(&cluster.pki, &id, None, addr);
+    let login = || async {
+        let c = Client::connect(&ep, addr, "test").await.unwrap();
+        let req = Request::Login {
+            user: "alice".into(),
+            password: "pw".into(),
+        };
+        let c2 = c.clone();
+        wait_for("login", Duration::from_secs(20), || {
+            let c2 = c2.clone();
+            let req = req.clone();
+            async move { c2.request(&req).await.ok() }
+        })
+        .await;
+        c
+    };
+    let poster = login().await;
+    let listener = login().await;
+    let mut sub = listener.subscribe("ops").await.unwrap();
+
+    let post = |key: &str, body: &str| Request::Post {
+        channel: "ops".into(),
+        body: body.as_bytes().to_vec(),
+        idempotency_key: key.into(),
+    };
+    let first = poster.request(&post("k-1", "hello")).await.unwrap();
+    let Response::Posted {
+        origin,
+        seq,
+        duplicate,
+    } = first
+    else {
+        panic!("{first:?}")
+    };
+    assert_eq!((origin.as_str(), duplicate), ("node-1", false));
+    let again = poster.request(&post("k-1", "hello")).await.unwrap();
+    assert_eq!(
+        again,
+        Response::Posted {
+            origin: "node-1".into(),
+            seq,
+            duplicate: true
+        }
+    );
+    poster.request(&post("k-2", "second")).await.unwrap();
+
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (m.body.as_slice(), m.sender.as_str(), m.seq),
+        (&b"hello"[..], "alice", seq)
+    );
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        m.body, b"second",
+        "the retried post was not delivered twice"
+    );
+
+    let history = |after: u64| Request::History {
+        channel: "ops".into(),
+        after,
+        limit: 1,
+    };
+    let Response::Messages(page) = poster.request(&history(0)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].body, b"hello");
+    let Response::Messages(page) = poster.request(&history(page[0].pos)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(page[0].body, b"second");
+
+    let nowhere = Request::Post {
+        channel: "nowhere".into(),
+        body: b"x".to_vec(),
+        idempotency_key: "k-3".into(),
+    };
+    assert_eq!(
+        server_code(poster.request(&nowhere).await),
+        ErrorCode::NotFound
+    );
+    let anon = Client::connect(&ep, addr, "anon").await.unwrap();
+    assert_eq!(
+        server_code(anon.request(&post("k-4", "x")).await),
+        ErrorCode::NotLoggedIn
+    );
+    assert!(
+        matches!(anon.subscribe("ops").await, Err(ClientError::Server(e)) if e.code == ErrorCode::NotLoggedIn)
+    );
+    assert_eq!(
+        server_code(poster.request(&post("", "x")).await),
+        ErrorCode::Malformed
+    );
+}
