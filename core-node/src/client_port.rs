@@ -43,23 +43,12 @@ const CLOSE_NEGOTIATION: u32 = 0x4c10;
 
 /// Serves the client port until `shutdown` fires.
 pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>, shutdown: CancellationToken) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => return,
-            },
-        };
-        let node = node.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            match link::accept(incoming, link::DEFAULT_HANDSHAKE_TIMEOUT).await {
-                Ok(l) => connection(l.conn, l.peer, node, shutdown).await,
-                Err(e) => tracing::info!(error = %e, "refused a client connection"),
-            }
-        });
-    }
+    let stop = shutdown.clone();
+    link::accept_loop(endpoint, shutdown, "client", move |l: link::Link| {
+        let (node, stop) = (node.clone(), stop.clone());
+        async move { connection(l.conn, l.peer, node, stop).await }
+    })
+    .await;
 }
 
 async fn connection(

@@ -327,6 +327,36 @@ pub fn server_endpoint(
     endpoint(bind, Some(config))
 }
 
+/// Accepts connections on `endpoint` until `shutdown` fires: each handshake
+/// (see [`accept`]) runs in its own task, and each established link is handed
+/// to `on_link` (in that task). Refused handshakes are logged as `what`.
+pub async fn accept_loop<F, Fut>(
+    endpoint: quinn::Endpoint,
+    shutdown: tokio_util::sync::CancellationToken,
+    what: &'static str,
+    on_link: F,
+) where
+    F: Fn(Link) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let on_link = on_link.clone();
+        tokio::spawn(async move {
+            match accept(incoming, DEFAULT_HANDSHAKE_TIMEOUT).await {
+                Ok(link) => on_link(link).await,
+                Err(e) => tracing::warn!(error = %e, "refused a {what} connection"),
+            }
+        });
+    }
+}
+
 /// A client endpoint bound to an ephemeral port of the right address family.
 pub fn client_endpoint(
     config: quinn::ClientConfig,

@@ -468,6 +468,19 @@ impl Cluster {
     }
 }
 
+/// Waits until `api` lists `node` as a voter.
+pub async fn wait_voter(api: &str, node: &str, timeout: Duration) {
+    wait_for(&format!("{node} to become a voter"), timeout, || async {
+        let m = get_json(api, "/v1/members").await?;
+        m["members"]
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == node && m["suffrage"] == "voter")
+            .then_some(())
+    })
+    .await
+}
+
 /// PUT a key through `api`; returns the revision.
 pub async fn put(api: &str, key: &str, value: &str) -> u64 {
     let (status, body) = http(

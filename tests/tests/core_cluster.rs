@@ -15,7 +15,7 @@ use lanmesh_shared::identity::Role;
 use lanmesh_shared::link::{self, AlertReason, LinkError};
 use lanmesh_shared::pki::{Ca, KeyType, LeafRequest};
 use lanmesh_shared::tls::{self, ALPN_RAFT, PeerPolicy, TlsMaterial, Transport};
-use lanmesh_tests::cluster::{Cluster, NodeProc, get, get_json, http, put, wait_for};
+use lanmesh_tests::cluster::{Cluster, NodeProc, get, get_json, http, put, wait_for, wait_voter};
 use lanmesh_tests::{bin, run};
 use tokio::sync::Mutex;
 
@@ -193,19 +193,7 @@ async fn fourth_node_joins_as_voter_and_leaves() {
     let via = (leader + 1) % 3;
     let four = cluster.join_new("node-4", via).await;
     let api0 = cluster.nodes[leader].api.clone();
-    wait_for(
-        "node-4 to become a voter",
-        Duration::from_secs(30),
-        || async {
-            let m = get_json(&api0, "/v1/members").await?;
-            m["members"]
-                .as_array()?
-                .iter()
-                .any(|m| m["id"] == "node-4" && m["suffrage"] == "voter")
-                .then_some(())
-        },
-    )
-    .await;
+    wait_voter(&api0, "node-4", Duration::from_secs(30)).await;
     assert_eq!(
         get(&cluster.nodes[four].api, "pre/29", false)
             .await

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use lanmesh_tests::cluster::{NodeProc, Pki, get, get_json, put, wait_for};
+use lanmesh_tests::cluster::{NodeProc, Pki, get, get_json, put, wait_for, wait_voter};
 use lanmesh_tests::{bin, run};
 
 fn node_args(
@@ -98,19 +98,7 @@ async fn cores_form_a_cluster_by_mdns_and_a_fourth_joins() {
     let mut four = NodeProc::new("node-4", &tmp.path().join("node-4"), tmp.path(), args);
     four.start().await;
     let api0 = apis[0].clone();
-    wait_for(
-        "node-4 to join by itself and become a voter",
-        Duration::from_secs(40),
-        || async {
-            let m = get_json(&api0, "/v1/members").await?;
-            m["members"]
-                .as_array()?
-                .iter()
-                .any(|m| m["id"] == "node-4" && m["suffrage"] == "voter")
-                .then_some(())
-        },
-    )
-    .await;
+    wait_voter(&api0, "node-4", Duration::from_secs(40)).await;
     assert_eq!(
         get(&four.api, "found", false).await.as_deref(),
         Some("by-mdns")

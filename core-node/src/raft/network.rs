@@ -400,25 +400,10 @@ pub async fn serve(
     app: Arc<dyn AppHandler>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => return,
-            },
-        };
-        let raft = raft.clone();
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let link = match link::accept(incoming, link::DEFAULT_HANDSHAKE_TIMEOUT).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "refused a Raft connection");
-                    return;
-                }
-            };
+    let stop = shutdown.clone();
+    link::accept_loop(endpoint, shutdown, "Raft", move |link: link::Link| {
+        let (raft, app, shutdown) = (raft.clone(), app.clone(), stop.clone());
+        async move {
             let peer = link.peer.map(|p| p.name).unwrap_or_default();
             loop {
                 let (send, recv) = tokio::select! {
@@ -440,8 +425,9 @@ pub async fn serve(
                     }
                 });
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn answer(
