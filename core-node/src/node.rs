@@ -1121,6 +1121,11 @@ pub enum StartError {
     NeedsCertificates,
 }
 
+/// Maps a failure to bind `what` on `addr` to a start error naming both.
+fn bind_error(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Bind { what, addr, source }
+}
+
 /// Loads the node's TLS material: configured files, or the throw-away CA.
 fn load_tls(
     config: &Config,
@@ -1206,17 +1211,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tls::quinn_server_config(server_tls, transport)?,
         config.raft_addr,
     )
-    .map_err(|source| StartError::Bind {
-        what: "the Raft port",
-        addr: config.raft_addr,
-        source,
-    })?;
+    .map_err(bind_error("the Raft port", config.raft_addr))?;
     endpoint.set_default_client_config(tls::quinn_client_config(client_tls, transport)?);
-    let raft_bound = endpoint.local_addr().map_err(|source| StartError::Bind {
-        what: "the Raft port",
-        addr: config.raft_addr,
-        source,
-    })?;
+    let raft_bound = endpoint
+        .local_addr()
+        .map_err(bind_error("the Raft port", config.raft_addr))?;
     // The client port: TLS with optional client certificates (client or
     // operator role of this cluster), so apps may also log in otherwise.
     let client_policy =
@@ -1232,30 +1231,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tls::quinn_server_config(client_tls, transport)?,
         config.client_addr,
     )
-    .map_err(|source| StartError::Bind {
-        what: "the client port",
-        addr: config.client_addr,
-        source,
-    })?;
+    .map_err(bind_error("the client port", config.client_addr))?;
     let client_bound = client_endpoint
         .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "the client port",
-            addr: config.client_addr,
-            source,
-        })?;
+        .map_err(bind_error("the client port", config.client_addr))?;
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
-        .map_err(|source| StartError::Bind {
-            what: "the admin API",
-            addr: config.api_addr,
-            source,
-        })?;
-    let api_bound = listener.local_addr().map_err(|source| StartError::Bind {
-        what: "the admin API",
-        addr: config.api_addr,
-        source,
-    })?;
+        .map_err(bind_error("the admin API", config.api_addr))?;
+    let api_bound = listener
+        .local_addr()
+        .map_err(bind_error("the admin API", config.api_addr))?;
     let addrs = Addrs {
         api: config.advertise(api_bound),
         raft: config.advertise(raft_bound),
