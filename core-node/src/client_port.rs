@@ -233,14 +233,14 @@ async fn post(
         ));
     }
     channel_exists(node, channel)?;
-    let store = node.messages().clone();
-    let channel = channel.to_owned();
-    let (m, duplicate) = tokio::task::spawn_blocking(move || {
-        store.post(&channel, &who.subject, &body, &idempotency_key)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(internal)?;
+    let (m, duplicate) = node
+        .messages()
+        .post(channel, &who.subject, body, &idempotency_key)
+        .await
+        .map_err(internal)?;
+    if !duplicate {
+        node.metrics().messages_posted.inc();
+    }
     Ok(Response::Posted {
         origin: m.origin,
         seq: m.seq,

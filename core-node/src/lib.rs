@@ -15,6 +15,7 @@ pub mod config;
 pub mod http;
 pub mod messages;
 pub mod metrics;
+pub mod msgsync;
 pub mod node;
 pub mod raft;
 pub mod store;

@@ -53,6 +53,14 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     /// Entries applied to the state machine.
     pub applied_entries: Counter<u64, AtomicU64>,
+    /// Messages accepted from clients on this node.
+    pub messages_posted: Counter<u64, AtomicU64>,
+    /// Messages received from other cores by anti-entropy.
+    pub messages_synced: Counter<u64, AtomicU64>,
+    /// Presence entries known (all cores).
+    pub presence_online: Gauge<i64, AtomicI64>,
+    /// Audit records appended on this node.
+    pub audit_records: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -81,6 +89,10 @@ impl Metrics {
             replication_lag: Family::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             applied_entries: Counter::default(),
+            messages_posted: Counter::default(),
+            messages_synced: Counter::default(),
+            presence_online: Gauge::default(),
+            audit_records: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -133,6 +145,26 @@ impl Metrics {
             "raft_applied_entries",
             "Entries applied to the state machine",
             m.applied_entries.clone(),
+        );
+        registry.register(
+            "messages_posted",
+            "Messages accepted from clients on this node",
+            m.messages_posted.clone(),
+        );
+        registry.register(
+            "messages_synced",
+            "Messages received from other cores (anti-entropy)",
+            m.messages_synced.clone(),
+        );
+        registry.register(
+            "presence_online",
+            "Presence entries known on this node (from every core)",
+            m.presence_online.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records appended on this node",
+            m.audit_records.clone(),
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m

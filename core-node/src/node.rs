@@ -88,6 +88,14 @@ pub enum AppRequest {
     Leave(String),
     /// Hand leadership to this node (sent to the leader).
     TransferLeader(String),
+    /// Messages beyond these per-origin high-water marks (sent to any core;
+    /// answered within `wait_ms` even when there is nothing).
+    Pull {
+        /// The caller's marks.
+        hw: std::collections::HashMap<String, u64>,
+        /// How long to wait for something new.
+        wait_ms: u64,
+    },
 }
 
 /// The answer to an [`AppRequest`].
@@ -101,6 +109,8 @@ pub enum AppReply {
     Joined(JoinOutcome),
     /// Done.
     Done,
+    /// Answer to `Pull`.
+    Replicas(Vec<crate::messages::Replica>),
     /// It failed.
     Error(RemoteError),
 }
@@ -916,6 +926,12 @@ impl Node {
             AppRequest::TransferLeader(id) => {
                 self.transfer_leader(&id).await.map(|()| AppReply::Done)
             }
+            AppRequest::Pull { hw, wait_ms } => {
+                crate::msgsync::answer_pull(&self.messages, hw, Duration::from_millis(wait_ms))
+                    .await
+                    .map(AppReply::Replicas)
+                    .map_err(NodeError::from)
+            }
         };
         result.unwrap_or_else(|e| AppReply::Error(e.to_remote()))
     }
@@ -945,6 +961,39 @@ impl Node {
             }
         }
         apis
+    }
+
+    /// The other cores of the membership (voters and learners), with their
+    /// Raft addresses.
+    pub(crate) fn other_cores(&self) -> Vec<(NodeName, String)> {
+        let m = self.raft_metrics();
+        m.membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, n)| (id.clone(), n.raft_addr.clone()))
+            .collect()
+    }
+
+    /// Sends a cluster-internal request to one core over the Raft link.
+    pub(crate) async fn call_core(
+        &self,
+        target: &NodeName,
+        raft_addr: &str,
+        req: AppRequest,
+        timeout: Duration,
+    ) -> Result<AppReply, RpcError> {
+        match self
+            .peers
+            .call(target, raft_addr, &Rpc::App(req), timeout)
+            .await?
+        {
+            Reply::App(a) => Ok(a),
+            other => Err(RpcError::BadReply {
+                peer: target.0.clone(),
+                detail: format!("expected an app reply, got {other:?}"),
+            }),
+        }
     }
 
     fn own_node(&self) -> CoreNode {
@@ -1366,6 +1415,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         )),
         tokio::spawn(watch_metrics(node.clone(), shutdown.clone())),
         tokio::spawn(bootstrap(node.clone(), shutdown.clone())),
+        tokio::spawn(crate::msgsync::run(node.clone(), shutdown.clone())),
     ];
 
     write_node_file(&data_dir, &node.status(), api_https);

@@ -6,6 +6,7 @@
 //! integration tests of its own; running only this package after a clean
 //! checkout needs a `cargo build --workspace` first, and [`bin`] says so.
 
+pub mod client;
 pub mod cluster;
 pub mod netns;
 

@@ -5,45 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-
 use lanmesh_shared::identity::Role;
 use lanmesh_shared::link::{self, AlertReason, LinkError};
 use lanmesh_shared::proto::{
     Client, ClientError, ErrorCode, MAX_FRAME, Request, Response, call, call_raw,
 };
-use lanmesh_shared::tls::{self, ALPN_CLIENT, PeerPolicy, TlsMaterial, Transport};
-use lanmesh_tests::cluster::{Cluster, Pki};
-
-fn endpoint(pki: &Pki, cluster: &str, who: Option<&str>, addr: SocketAddr) -> quinn::Endpoint {
-    let ca = pki.ca.cert_pem().as_bytes().to_vec();
-    let material = match who {
-        None => TlsMaterial::from_pem(&ca, None, None).unwrap(),
-        Some(name) => {
-            let cert = std::fs::read(pki.dir.join(format!("{name}.crt"))).unwrap();
-            let key = std::fs::read(pki.dir.join(format!("{name}.key"))).unwrap();
-            TlsMaterial::from_pem(&ca, Some((&cert, &key)), None).unwrap()
-        }
-    };
-    let tls = tls::client_config(
-        &material,
-        PeerPolicy::only(cluster, &[Role::Core]),
-        &[ALPN_CLIENT],
-    )
-    .unwrap();
-    link::client_endpoint(
-        tls::quinn_client_config(tls, Transport::default()).unwrap(),
-        addr,
-    )
-    .unwrap()
-}
-
-fn server_code(r: Result<Response, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Server(e)) => e.code,
-        other => panic!("expected an error frame, got {other:?}"),
-    }
-}
+use lanmesh_tests::client::{endpoint, server_code};
+use lanmesh_tests::cluster::Cluster;
 
 /// Hello negotiates version 1; Ping works; Whoami needs a login and reports
 /// the certificate's identity once logged in; bad frames get typed errors and
