@@ -596,6 +596,9 @@ async fn registry(
             if reg == Registry::Users {
                 hash_password(&mut data)?;
             }
+            if reg == Registry::Channels {
+                validate_channel(&data)?;
+            }
             let applied = node
                 .write(Command::RegistryPut {
                     registry: reg,
@@ -640,6 +643,19 @@ fn redact(mut e: store::RegistryEntry) -> serde_json::Value {
         obj.remove("password_hash");
     }
     serde_json::to_value(e).unwrap_or_default()
+}
+
+/// A channel's `replication` is `"raft"` (one total order through the Raft
+/// log) or absent / `"anti-entropy"` (each core stores what it receives and
+/// the cores exchange it).
+fn validate_channel(data: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    match data.get("replication") {
+        None => Ok(()),
+        Some(serde_json::Value::String(r)) if r == "raft" || r == "anti-entropy" => Ok(()),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "\"replication\" must be \"raft\" or \"anti-entropy\", not {other}"
+        ))),
+    }
 }
 
 /// Replaces `password` with an Argon2id `password_hash` (memory-hard, salted).

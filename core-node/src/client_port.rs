@@ -25,8 +25,8 @@ use lanmesh_shared::proto::{
 use lanmesh_shared::token::{self, Claims};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::Node;
-use crate::store::{self, Registry};
+use crate::node::{Node, NodeError};
+use crate::store::{self, Command, Registry};
 
 /// How long a login token is valid.
 pub const TOKEN_TTL_SECS: i64 = 12 * 3600;
@@ -166,14 +166,7 @@ async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> 
             channel,
             after,
             limit,
-        } => logged_in(session)
-            .and_then(|_| channel_exists(node, &channel))
-            .and_then(|()| {
-                node.messages()
-                    .history(&channel, after, limit)
-                    .map(Response::Messages)
-                    .map_err(internal)
-            }),
+        } => history(node, session, &channel, after, limit),
         // Served on its own stream by `subscription`.
         Request::Subscribe { .. } => Err(ErrorFrame::new(
             ErrorCode::Internal,
@@ -205,17 +198,61 @@ fn logged_in(session: &Mutex<Option<Session>>) -> Result<Session, ErrorFrame> {
         .ok_or_else(|| ErrorFrame::new(ErrorCode::NotLoggedIn, "log in first"))
 }
 
-fn channel_exists(node: &Node, channel: &str) -> Result<(), ErrorFrame> {
+/// How a channel's messages are replicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replication {
+    /// Stored by the accepting core, exchanged by anti-entropy.
+    AntiEntropy,
+    /// Committed through the Raft log (one total order).
+    Raft,
+}
+
+fn channel_mode(node: &Node, channel: &str) -> Result<Replication, ErrorFrame> {
     match node
         .query(|c| store::registry_get(c, Registry::Channels, channel))
         .map_err(internal)?
     {
-        Some(_) => Ok(()),
+        Some(entry) if entry.data["replication"] == "raft" => Ok(Replication::Raft),
+        Some(_) => Ok(Replication::AntiEntropy),
         None => Err(ErrorFrame::new(
             ErrorCode::NotFound,
             format!("no channel {channel:?}"),
         )),
     }
+}
+
+fn channel_exists(node: &Node, channel: &str) -> Result<(), ErrorFrame> {
+    channel_mode(node, channel).map(|_| ())
+}
+
+/// A failed Raft write as an error frame: retryable failures are `Unavailable`.
+fn write_error(e: NodeError) -> ErrorFrame {
+    if e.retryable() {
+        ErrorFrame::new(ErrorCode::Unavailable, e.to_string())
+    } else {
+        internal(e)
+    }
+}
+
+fn history(
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+    channel: &str,
+    after: u64,
+    limit: u32,
+) -> Result<Response, ErrorFrame> {
+    logged_in(session)?;
+    let limit = limit.min(crate::messages::MAX_PAGE);
+    let page = match channel_mode(node, channel)? {
+        Replication::AntiEntropy => node
+            .messages()
+            .history(channel, after, limit)
+            .map_err(internal),
+        Replication::Raft => node
+            .query(|c| store::channel_history(c, channel, after, limit))
+            .map_err(internal),
+    };
+    page.map(Response::Messages)
 }
 
 async fn post(
@@ -232,7 +269,27 @@ async fn post(
             format!("idempotency_key must be 1..={MAX_IDEMPOTENCY_KEY} bytes"),
         ));
     }
-    channel_exists(node, channel)?;
+    if channel_mode(node, channel)? == Replication::Raft {
+        let ts_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let applied = node
+            .write(Command::ChannelPost {
+                channel: channel.to_owned(),
+                sender: who.subject,
+                ts_ms,
+                body,
+                idem: idempotency_key,
+            })
+            .await
+            .map_err(write_error)?;
+        if applied.changed {
+            node.metrics().messages_posted.inc();
+        }
+        return Ok(Response::Posted {
+            origin: store::RAFT_ORIGIN.to_owned(),
+            seq: applied.revision,
+            duplicate: !applied.changed,
+        });
+    }
     let (m, duplicate) = node
         .messages()
         .post(channel, &who.subject, body, &idempotency_key)

@@ -190,7 +190,8 @@ impl NodeError {
         }
     }
 
-    fn retryable(&self) -> bool {
+    /// Whether the caller should retry (no leader, timeout, shutting down).
+    pub fn retryable(&self) -> bool {
         matches!(
             self,
             NodeError::NoLeader { .. } | NodeError::Forward(_) | NodeError::Timeout { .. }
@@ -1308,6 +1309,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         crate::messages::MessageStore::open(&data_dir.join("messages.db"), &config.node_id)
             .map_err(StartError::Storage)?,
     );
+    sm.publish_to(messages.fanout());
     let raft_config = config
         .raft_config()
         .validate()

@@ -113,6 +113,22 @@ pub enum Command {
         /// Serial, normalized hex.
         serial: String,
     },
+    /// A message to a channel with `replication = "raft"`: its id is the
+    /// log index, so every node has one total order. A repeated
+    /// `(sender, idem)` stores nothing and answers the first one's index.
+    ChannelPost {
+        /// Channel.
+        channel: String,
+        /// Logged-in sender.
+        sender: String,
+        /// Timestamp chosen by the accepting node (Unix ms).
+        ts_ms: i64,
+        /// Body.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        /// The client's idempotency key.
+        idem: String,
+    },
     /// Set once at bootstrap: the cluster id and the token-signing key.
     Bootstrap {
         /// Cluster id.
@@ -166,7 +182,12 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE TABLE IF NOT EXISTS revoked (serial TEXT PRIMARY KEY, revision INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS changes (
              revision INTEGER NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, op TEXT NOT NULL);
-         CREATE INDEX IF NOT EXISTS changes_by_revision ON changes (revision);",
+         CREATE INDEX IF NOT EXISTS changes_by_revision ON changes (revision);
+         CREATE TABLE IF NOT EXISTS channel_log (
+             revision INTEGER PRIMARY KEY, channel TEXT NOT NULL, sender TEXT NOT NULL,
+             ts_ms INTEGER NOT NULL, body BLOB NOT NULL, idem TEXT NOT NULL,
+             UNIQUE (sender, idem));
+         CREATE INDEX IF NOT EXISTS channel_log_by_channel ON channel_log (channel, revision);",
     )
 }
 
@@ -186,6 +207,30 @@ fn record(
 pub fn apply(tx: &Transaction<'_>, revision: u64, cmd: &Command) -> rusqlite::Result<Applied> {
     let rev = revision as i64;
     let changed = match cmd {
+        Command::ChannelPost {
+            channel,
+            sender,
+            ts_ms,
+            body,
+            idem,
+        } => {
+            let first: Option<i64> = tx
+                .prepare_cached("SELECT revision FROM channel_log WHERE sender = ?1 AND idem = ?2")?
+                .query_row(params![sender, idem], |r| r.get(0))
+                .optional()?;
+            if let Some(first) = first {
+                return Ok(Applied {
+                    revision: first as u64,
+                    changed: false,
+                });
+            }
+            tx.prepare_cached(
+                "INSERT INTO channel_log (revision, channel, sender, ts_ms, body, idem)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![rev, channel, sender, ts_ms, body, idem])?;
+            true
+        }
         Command::KvPut { key, value } => {
             tx.prepare_cached(
                 "INSERT INTO kv (key, value, create_revision, mod_revision, version)
@@ -350,6 +395,35 @@ fn registry_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RegistryEntry> {
         create_revision: row.get::<_, i64>(2)? as u64,
         mod_revision: row.get::<_, i64>(3)? as u64,
     })
+}
+
+/// The origin name of messages of Raft-replicated channels.
+pub const RAFT_ORIGIN: &str = "raft";
+
+/// A page of a Raft-replicated channel: messages after log index `after`.
+pub fn channel_history(
+    conn: &Connection,
+    channel: &str,
+    after: u64,
+    limit: u32,
+) -> rusqlite::Result<Vec<lanmesh_shared::proto::Message>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT revision, channel, sender, ts_ms, body FROM channel_log
+         WHERE channel = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![channel, after as i64, limit], |r| {
+        let revision = r.get::<_, i64>(0)? as u64;
+        Ok(lanmesh_shared::proto::Message {
+            origin: RAFT_ORIGIN.to_owned(),
+            seq: revision,
+            pos: revision,
+            channel: r.get(1)?,
+            sender: r.get(2)?,
+            ts_ms: r.get(3)?,
+            body: r.get(4)?,
+        })
+    })?;
+    rows.collect()
 }
 
 /// Reads one registry entry.
@@ -561,5 +635,46 @@ mod tests {
         assert!(!run(&mut c, 9, b("c2")).changed);
         assert_eq!(cluster_id(&c).unwrap().as_deref(), Some("c1"));
         assert!(has_token_key(&c).unwrap());
+    }
+
+    #[test]
+    fn raft_channel_posts_are_ordered_and_idempotent() {
+        let mut c = db();
+        let p = |idem: &str, body: &str| Command::ChannelPost {
+            channel: "orders".into(),
+            sender: "alice".into(),
+            ts_ms: 1,
+            body: body.as_bytes().to_vec(),
+            idem: idem.into(),
+        };
+        assert_eq!(
+            run(&mut c, 10, p("a", "one")),
+            Applied {
+                revision: 10,
+                changed: true
+            }
+        );
+        assert_eq!(
+            run(&mut c, 11, p("b", "two")),
+            Applied {
+                revision: 11,
+                changed: true
+            }
+        );
+        // A retried proposal answers the first one's index and stores nothing.
+        assert_eq!(
+            run(&mut c, 12, p("a", "one")),
+            Applied {
+                revision: 10,
+                changed: false
+            }
+        );
+        let h = channel_history(&c, "orders", 0, 10).unwrap();
+        assert_eq!(h.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![10, 11]);
+        assert_eq!(
+            channel_history(&c, "orders", 10, 10).unwrap()[0].body,
+            b"two"
+        );
+        assert!(channel_history(&c, "other", 0, 10).unwrap().is_empty());
     }
 }

@@ -63,6 +63,9 @@ impl fmt::Display for Command {
             Command::RemoveMember { id } => write!(f, "member remove {id:?}"),
             Command::Revoke { serial } => write!(f, "revoke {serial}"),
             Command::Bootstrap { cluster_id, .. } => write!(f, "bootstrap {cluster_id:?}"),
+            Command::ChannelPost { channel, body, .. } => {
+                write!(f, "post to {channel:?} ({} bytes)", body.len())
+            }
         }
     }
 }

@@ -60,6 +60,8 @@ struct Shared {
     snapshot_files: Mutex<()>,
     metrics: Option<Arc<Metrics>>,
     revoked: RevokedSerials,
+    /// Where messages of Raft-replicated channels go once applied.
+    publish: std::sync::OnceLock<tokio::sync::broadcast::Sender<lanmesh_shared::proto::Message>>,
 }
 
 fn open_state(path: &Path) -> io::Result<Connection> {
@@ -158,8 +160,15 @@ impl StateMachine {
                 snapshot_files: Mutex::new(()),
                 metrics,
                 revoked,
+                publish: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Sends every newly applied message of a Raft-replicated channel to `tx`
+    /// (this node's subscribers).
+    pub fn publish_to(&self, tx: tokio::sync::broadcast::Sender<lanmesh_shared::proto::Message>) {
+        let _ = self.shared.publish.set(tx);
     }
 
     /// Runs a read-only query against the current state.
@@ -329,13 +338,36 @@ impl Shared {
         let mut last = None;
         let mut membership = None;
         let mut revoked = Vec::new();
+        let mut posted = Vec::new();
         for (log_id, cmd, m) in batch {
             let applied = match cmd {
                 Some(cmd) => {
                     if let Command::Revoke { serial } = cmd {
                         revoked.push(serial.clone());
                     }
-                    store::apply(&tx, log_id.index, cmd).map_err(io::Error::other)?
+                    let applied = store::apply(&tx, log_id.index, cmd).map_err(io::Error::other)?;
+                    if let (
+                        Command::ChannelPost {
+                            channel,
+                            sender,
+                            ts_ms,
+                            body,
+                            ..
+                        },
+                        true,
+                    ) = (cmd, applied.changed)
+                    {
+                        posted.push(lanmesh_shared::proto::Message {
+                            origin: store::RAFT_ORIGIN.to_owned(),
+                            seq: log_id.index,
+                            pos: log_id.index,
+                            channel: channel.clone(),
+                            sender: sender.clone(),
+                            ts_ms: *ts_ms,
+                            body: body.clone(),
+                        });
+                    }
+                    applied
                 }
                 None => Applied {
                     revision: log_id.index,
@@ -362,6 +394,11 @@ impl Shared {
         drop(conn);
         for s in &revoked {
             self.revoked.insert(s);
+        }
+        if let Some(tx) = self.publish.get() {
+            for m in posted {
+                let _ = tx.send(m);
+            }
         }
         if let Some(m) = &self.metrics {
             m.fsync_seconds.observe(started.elapsed().as_secs_f64());
