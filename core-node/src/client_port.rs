@@ -115,6 +115,10 @@ async fn connection(
                     subscription(&mut send, &channel, &node, &session).await;
                     return;
                 }
+                Ok(Request::SubscribePresence) => {
+                    presence_subscription(&mut send, &node, &session).await;
+                    return;
+                }
                 Ok(req) => handle(req, &node, &session).await,
                 Err(FrameError::Closed) => return,
                 Err(e) => {
@@ -167,8 +171,21 @@ async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> 
             after,
             limit,
         } => history(node, session, &channel, after, limit),
-        // Served on its own stream by `subscription`.
-        Request::Subscribe { .. } => Err(ErrorFrame::new(
+        Request::Heartbeat { status } => logged_in(session).and_then(|who| {
+            if status.len() > 100 {
+                return Err(ErrorFrame::new(
+                    ErrorCode::Malformed,
+                    "status must be at most 100 bytes",
+                ));
+            }
+            node.presence().heartbeat(&who.subject, &status);
+            Ok(Response::HeartbeatAck {
+                interval_ms: node.presence().interval().as_millis() as u64,
+            })
+        }),
+        Request::Who => logged_in(session).map(|_| Response::Presence(node.presence().who())),
+        // Served on their own streams.
+        Request::Subscribe { .. } | Request::SubscribePresence => Err(ErrorFrame::new(
             ErrorCode::Internal,
             "subscriptions have their own stream",
         )),
@@ -342,6 +359,48 @@ async fn subscription(
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Serves a presence subscription: `Subscribed`, everyone present now (as
+/// `PresenceChanged` online frames), then every change.
+async fn presence_subscription(
+    send: &mut quinn::SendStream,
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+) {
+    let mut live = node.presence().subscribe();
+    let mut out = FrameWriter::new(send);
+    if let Err(e) = logged_in(session) {
+        let _ = out.send(&Response::Error(e)).await;
+        return;
+    }
+    if out.send(&Response::Subscribed).await.is_err() {
+        return;
+    }
+    for entry in node.presence().who() {
+        let frame = Response::PresenceChanged {
+            entry,
+            online: true,
+        };
+        if out.send(&frame).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let frame = match live.recv().await {
+            Ok((entry, online)) => Response::PresenceChanged { entry, online },
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Response::Error(ErrorFrame::new(
+                    ErrorCode::Unavailable,
+                    format!("subscriber too slow: {n} presence changes skipped; ask Who"),
+                ))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if out.send(&frame).await.is_err() {
+            return;
         }
     }
 }

@@ -111,6 +111,21 @@ impl Default for RaftSection {
     }
 }
 
+/// Presence timings (`[presence]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceSection {
+    /// A client is offline this long after its last heartbeat, ms. Clients
+    /// are told to heartbeat every third of it. Default 15000.
+    pub ttl_ms: u64,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        PresenceSection { ttl_ms: 15_000 }
+    }
+}
+
 /// Deployment mode (architecture: "Deployment modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -178,6 +193,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Raft timings and snapshot policy.
     pub raft: RaftSection,
+    /// Presence timings.
+    pub presence: PresenceSection,
     /// Log format. Default `text`. The level comes from `RUST_LOG` (default `info`).
     pub log_format: LogFormat,
     /// Deployment mode. Default: `single` when neither `peers` nor
@@ -204,6 +221,7 @@ impl Default for Config {
             api_tls: ApiTls::Auto,
             max_body_bytes: 1 << 20,
             raft: RaftSection::default(),
+            presence: PresenceSection::default(),
             log_format: LogFormat::Text,
             mode: None,
             priority: 100,
@@ -370,6 +388,9 @@ impl Config {
         }
         if r.snapshot_every == 0 {
             return Err(invalid("raft.snapshot_every", "must be at least 1"));
+        }
+        if self.presence.ttl_ms < 300 {
+            return Err(invalid("presence.ttl_ms", "must be at least 300"));
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));

@@ -17,5 +17,6 @@ pub mod messages;
 pub mod metrics;
 pub mod msgsync;
 pub mod node;
+pub mod presence;
 pub mod raft;
 pub mod store;

@@ -96,6 +96,13 @@ pub enum AppRequest {
         /// How long to wait for something new.
         wait_ms: u64,
     },
+    /// The sender's presence table (sent to every core).
+    Presence {
+        /// The sending core.
+        origin: String,
+        /// (subject, status) of its clients.
+        entries: Vec<(String, String)>,
+    },
 }
 
 /// The answer to an [`AppRequest`].
@@ -290,6 +297,8 @@ pub struct Node {
     discovered: Option<tokio::sync::watch::Receiver<discovery::Peers>>,
     /// This node's messages (not replicated through Raft).
     messages: Arc<crate::messages::MessageStore>,
+    /// Who is connected (in memory, shared with the other cores).
+    presence: Arc<crate::presence::Presence>,
 }
 
 impl std::fmt::Debug for Node {
@@ -318,6 +327,11 @@ impl Node {
     /// This node's message store.
     pub fn messages(&self) -> &Arc<crate::messages::MessageStore> {
         &self.messages
+    }
+
+    /// This node's presence table.
+    pub fn presence(&self) -> &Arc<crate::presence::Presence> {
+        &self.presence
     }
 
     /// Its metrics.
@@ -933,6 +947,10 @@ impl Node {
                     .map(AppReply::Replicas)
                     .map_err(NodeError::from)
             }
+            AppRequest::Presence { origin, entries } => {
+                self.presence.receive(&origin, entries);
+                Ok(AppReply::Done)
+            }
         };
         result.unwrap_or_else(|e| AppReply::Error(e.to_remote()))
     }
@@ -1395,6 +1413,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         api_https,
         discovered: discovery.as_ref().map(Discovery::peers),
         messages,
+        presence: Arc::new(crate::presence::Presence::new(
+            &config.node_id,
+            Duration::from_millis(config.presence.ttl_ms),
+        )),
     });
 
     let tasks = vec![
@@ -1418,6 +1440,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tokio::spawn(watch_metrics(node.clone(), shutdown.clone())),
         tokio::spawn(bootstrap(node.clone(), shutdown.clone())),
         tokio::spawn(crate::msgsync::run(node.clone(), shutdown.clone())),
+        tokio::spawn(crate::presence::run(node.clone(), shutdown.clone())),
     ];
 
     write_node_file(&data_dir, &node.status(), api_https);

@@ -80,6 +80,28 @@ pub enum Request {
         /// Channel name.
         channel: String,
     },
+    /// "I am here": keeps the logged-in subject present on this node.
+    /// Answered `HeartbeatAck` with the interval to keep.
+    Heartbeat {
+        /// Free-form status ("online", "away", ...).
+        status: String,
+    },
+    /// Who is present, on every core: answered `Presence`.
+    Who,
+    /// Presence changes: answered `Subscribed` on this stream, which then
+    /// carries a `PresenceChanged` frame for each change.
+    SubscribePresence,
+}
+
+/// One subject present at one node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    /// User, device or certificate name.
+    pub subject: String,
+    /// The node the subject heartbeats to.
+    pub node: String,
+    /// The status it gave.
+    pub status: String,
 }
 
 /// A stored message.
@@ -147,6 +169,20 @@ pub enum Response {
     Subscribed,
     /// A pushed message (on a subscription stream).
     Message(Message),
+    /// Answer to `Heartbeat`: heartbeat again within this many ms.
+    HeartbeatAck {
+        /// Interval to keep, ms.
+        interval_ms: u64,
+    },
+    /// Answer to `Who`: everyone present, sorted.
+    Presence(Vec<PresenceEntry>),
+    /// A pushed presence change (on a presence subscription).
+    PresenceChanged {
+        /// Who.
+        entry: PresenceEntry,
+        /// True when it appeared (or changed status), false when it expired.
+        online: bool,
+    },
     /// The request failed.
     Error(ErrorFrame),
 }
@@ -374,12 +410,21 @@ impl Client {
     /// Subscribes to `channel`; the returned [`Subscription`] yields every new
     /// message of the channel.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, ClientError> {
-        let (mut send, recv) = self.conn.open_bi().await?;
-        let req = Request::Subscribe {
+        self.open_subscription(&Request::Subscribe {
             channel: channel.to_owned(),
-        };
+        })
+        .await
+    }
+
+    /// Subscribes to presence changes (see [`Subscription::next_presence`]).
+    pub async fn subscribe_presence(&self) -> Result<Subscription, ClientError> {
+        self.open_subscription(&Request::SubscribePresence).await
+    }
+
+    async fn open_subscription(&self, req: &Request) -> Result<Subscription, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
         let bytes =
-            rmp_serde::to_vec_named(&req).map_err(|e| FrameError::Malformed(e.to_string()))?;
+            rmp_serde::to_vec_named(req).map_err(|e| FrameError::Malformed(e.to_string()))?;
         FramedWrite::new(&mut send, codec())
             .send(Bytes::from(bytes))
             .await
@@ -435,6 +480,17 @@ impl Subscription {
             Response::Message(m) => Ok(m),
             Response::Error(e) => Err(ClientError::Server(e)),
             other => Err(FrameError::Malformed(format!("expected Message, got {other:?}")).into()),
+        }
+    }
+
+    /// The next pushed presence change: who, and whether they are online.
+    pub async fn next_presence(&mut self) -> Result<(PresenceEntry, bool), ClientError> {
+        match self.frame().await? {
+            Response::PresenceChanged { entry, online } => Ok((entry, online)),
+            Response::Error(e) => Err(ClientError::Server(e)),
+            other => Err(
+                FrameError::Malformed(format!("expected PresenceChanged, got {other:?}")).into(),
+            ),
         }
     }
 }
