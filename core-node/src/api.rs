@@ -220,6 +220,7 @@ async fn handle(node: Arc<Node>, caller: Caller, req: Request<Incoming>) -> Resp
     let route = route_label(&path);
     let result = route_request(&node, &caller, req).await;
     let response = result.unwrap_or_else(ApiError::into_response);
+    audit_change(&node, &caller, &method, &path, route, response.status());
     node.metrics().observe_request(
         method.as_str(),
         route,
@@ -227,6 +228,75 @@ async fn handle(node: Arc<Node>, caller: Caller, req: Request<Incoming>) -> Resp
         started.elapsed(),
     );
     response
+}
+
+/// Audits a successful change made through the API.
+fn audit_change(
+    node: &Node,
+    caller: &Caller,
+    method: &Method,
+    path: &str,
+    route: &str,
+    status: StatusCode,
+) {
+    if matches!(*method, Method::GET | Method::HEAD) || !status.is_success() {
+        return;
+    }
+    let kind = match route {
+        "kv" => "config_change",
+        "registry" => "registry_change",
+        "join" => "member_join",
+        "leave" => "member_leave",
+        "admin" => "admin_action",
+        _ => return,
+    };
+    let actor = match caller {
+        Caller::Plain => "local-admin".to_owned(),
+        Caller::Verified(id) => id.name.clone(),
+        Caller::Anonymous => "anonymous".to_owned(),
+    };
+    node.audit().record(
+        kind,
+        &actor,
+        &format!("{method} {path} -> {}", status.as_u16()),
+    );
+}
+
+/// `GET /v1/audit?since=MS&until=MS&actor=&kind=&origin=&limit=`: the
+/// leader's collection of every node's audit chain, oldest first.
+async fn audit(node: &Node, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(req);
+    let ms = |name: &str| -> Result<Option<i64>, ApiError> {
+        query_param(&pairs, name)
+            .map(|v| {
+                v.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(format!("{name} must be Unix milliseconds, not {v:?}"))
+                })
+            })
+            .transpose()
+    };
+    let limit = query_param(&pairs, "limit")
+        .map(|l| {
+            l.parse::<u32>()
+                .ok()
+                .filter(|l| (1..=1000).contains(l))
+                .ok_or_else(|| ApiError::bad_request("limit must be 1..=1000"))
+        })
+        .transpose()?;
+    let filter = crate::audit::Filter {
+        since_ms: ms("since")?,
+        until_ms: ms("until")?,
+        actor: query_param(&pairs, "actor"),
+        kind: query_param(&pairs, "kind"),
+        origin: query_param(&pairs, "origin"),
+        limit,
+    };
+    match node.audit_query(filter).await? {
+        crate::node::AppReply::AuditRecords(records) => ok_json(json!({"records": records})),
+        other => Err(ApiError::from(NodeError::Forward(format!(
+            "unexpected answer from the leader: {other:?}"
+        )))),
+    }
 }
 
 /// A low-cardinality label for metrics.
@@ -240,6 +310,7 @@ fn route_label(path: &str) -> &'static str {
         ["leave"] | ["v1", "leave"] => "leave",
         ["v1", "kv", ..] => "kv",
         ["v1", "status"] => "status",
+        ["v1", "audit"] => "audit",
         ["v1", "members"] => "members",
         ["v1", r, ..] if Registry::parse(r).is_some() => "registry",
         ["v1", ..] => "admin",
@@ -417,6 +488,7 @@ async fn route_request(
             Ok(respond(StatusCode::OK, "application/vnd.sqlite3", bytes))
         }
         (["v1", "kv"], &Method::GET) => kv_list(node, &req).await,
+        (["v1", "audit"], &Method::GET) => audit(node, &req).await,
         (["v1", "kv", key], _) => kv(node, decode_segment(key)?, req).await,
         (["v1", reg], _) if Registry::parse(reg).is_some() => {
             registry(
@@ -437,9 +509,14 @@ async fn route_request(
             )
             .await
         }
-        (["v1", "status"] | ["v1", "members"] | ["v1", "kv"] | ["v1", "backup"], _) => {
-            Err(method_not_allowed("GET"))
-        }
+        (
+            ["v1", "status"]
+            | ["v1", "members"]
+            | ["v1", "kv"]
+            | ["v1", "backup"]
+            | ["v1", "audit"],
+            _,
+        ) => Err(method_not_allowed("GET")),
         (
             ["join"]
             | ["v1", "join"]

@@ -193,6 +193,231 @@ pub async fn members(api: &ApiArgs) -> Result<()> {
     Ok(())
 }
 
+/// `core-node user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user, or set a user's password (from LANMESH_PASSWORD or a prompt).
+    Add {
+        /// User name.
+        name: String,
+        /// Roles written into the user's tokens (repeatable).
+        #[arg(long = "role", default_value = "user")]
+        roles: Vec<String>,
+    },
+    /// List users.
+    List,
+    /// Delete a user: their tokens stop working on every node.
+    Del {
+        /// User name.
+        name: String,
+    },
+}
+
+/// `core-node channel ...`
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// Create a channel.
+    Add {
+        /// Channel name.
+        name: String,
+        /// `anti-entropy` (each core stores what it receives and the cores
+        /// exchange it: fast, no single order) or `raft` (every post goes
+        /// through the Raft log: one total order, leader-bound).
+        #[arg(long, default_value = "anti-entropy", value_parser = ["anti-entropy", "raft"])]
+        replication: String,
+    },
+    /// List channels.
+    List,
+    /// Delete a channel.
+    Del {
+        /// Channel name.
+        name: String,
+    },
+}
+
+/// `core-node audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recheck every hash chain in an audit database (offline; the node may
+    /// be running). Exits non-zero and names the first bad record of each
+    /// broken chain.
+    Verify {
+        /// The node's data directory (its audit.db is checked).
+        #[arg(long, value_name = "DIR", default_value = "lanmesh-data/node-1")]
+        data_dir: PathBuf,
+        /// Check this file instead.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Query the leader's collection of every node's records, oldest first.
+    List {
+        /// Only this kind (login, login_failed, token_refused, cert_refused,
+        /// registry_change, config_change, member_join, member_leave,
+        /// admin_action, leader_change).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this actor.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only records written by this node.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Only records from the last this many seconds.
+        #[arg(long, value_name = "SECS")]
+        since_secs: Option<u64>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+/// `core-node user ...`
+pub async fn user(api: &ApiArgs, cmd: UserCommand) -> Result<()> {
+    match cmd {
+        UserCommand::Add { name, roles } => {
+            let password = lanmesh_shared::secret::password(&format!("password for {name}: "))?;
+            if password.is_empty() {
+                bail!("the password is empty");
+            }
+            let body = serde_json::json!({"name": name, "password": password, "roles": roles});
+            let answer = api
+                .call(Method::POST, "/v1/users", serde_json::to_vec(&body)?)
+                .await?;
+            print_revision(api, &answer)
+        }
+        UserCommand::List => list_registry(api, "users").await,
+        UserCommand::Del { name } => {
+            let answer = api
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/users/{}", encode_path(&name)),
+                    Vec::new(),
+                )
+                .await?;
+            print_revision(api, &answer)
+        }
+    }
+}
+
+/// `core-node channel ...`
+pub async fn channel(api: &ApiArgs, cmd: ChannelCommand) -> Result<()> {
+    match cmd {
+        ChannelCommand::Add { name, replication } => {
+            let body = serde_json::json!({"name": name, "replication": replication});
+            let answer = api
+                .call(Method::POST, "/v1/channels", serde_json::to_vec(&body)?)
+                .await?;
+            print_revision(api, &answer)
+        }
+        ChannelCommand::List => list_registry(api, "channels").await,
+        ChannelCommand::Del { name } => {
+            let answer = api
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/channels/{}", encode_path(&name)),
+                    Vec::new(),
+                )
+                .await?;
+            print_revision(api, &answer)
+        }
+    }
+}
+
+async fn list_registry(api: &ApiArgs, registry: &str) -> Result<()> {
+    let body = api
+        .call(Method::GET, &format!("/v1/{registry}"), Vec::new())
+        .await?;
+    if api.json {
+        return print_json(&body);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    let entries = v
+        .get(registry)
+        .or_else(|| v.get("entries"))
+        .and_then(|e| e.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for e in entries {
+        let mut data = e.get("data").cloned().unwrap_or_default();
+        if let Some(obj) = data.as_object_mut() {
+            obj.remove("password_hash");
+        }
+        println!("{}\t{}", e["name"].as_str().unwrap_or(""), data);
+    }
+    Ok(())
+}
+
+/// `core-node audit ...`
+pub async fn audit(api: &ApiArgs, cmd: AuditCommand) -> Result<()> {
+    match cmd {
+        AuditCommand::Verify { data_dir, file } => {
+            let path = file.unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_DB));
+            let report = crate::audit::verify_file(&path)
+                .with_context(|| format!("cannot check {}", path.display()))?;
+            for ((table, origin), n) in &report.chains {
+                println!("{table:<9} {origin:<16} {n} record(s)");
+            }
+            if report.problems.is_empty() {
+                println!("ok: every chain in {} is intact", path.display());
+                return Ok(());
+            }
+            for p in &report.problems {
+                println!("BROKEN: {p}");
+            }
+            bail!(
+                "{} broken chain(s) in {}",
+                report.problems.len(),
+                path.display()
+            );
+        }
+        AuditCommand::List {
+            kind,
+            actor,
+            origin,
+            since_secs,
+            limit,
+        } => {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair("limit", &limit.to_string());
+            for (k, v) in [("kind", kind), ("actor", actor), ("origin", origin)] {
+                if let Some(v) = v {
+                    q.append_pair(k, &v);
+                }
+            }
+            if let Some(s) = since_secs {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+                q.append_pair("since", &(now - (s as i64) * 1000).to_string());
+            }
+            let body = api
+                .call(
+                    Method::GET,
+                    &format!("/v1/audit?{}", q.finish()),
+                    Vec::new(),
+                )
+                .await?;
+            if api.json {
+                return print_json(&body);
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            for r in v["records"].as_array().cloned().unwrap_or_default() {
+                let ts = r["ts_ms"].as_i64().unwrap_or(0);
+                let when = time::OffsetDateTime::from_unix_timestamp_nanos(ts as i128 * 1_000_000)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{when}  {:<10} #{:<5} {:<16} {:<14} {}",
+                    r["origin"].as_str().unwrap_or(""),
+                    r["seq"],
+                    r["kind"].as_str().unwrap_or(""),
+                    r["actor"].as_str().unwrap_or(""),
+                    r["detail"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `core-node kv ...`
 pub async fn kv(api: &ApiArgs, cmd: KvCommand) -> Result<()> {
     match cmd {

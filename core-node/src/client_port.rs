@@ -119,7 +119,7 @@ async fn connection(
                     presence_subscription(&mut send, &node, &session).await;
                     return;
                 }
-                Ok(req) => handle(req, &node, &session).await,
+                Ok(req) => handle(req, &node, &session, remote).await,
                 Err(FrameError::Closed) => return,
                 Err(e) => {
                     tracing::debug!(%remote, error = %e, "bad frame from client");
@@ -131,7 +131,12 @@ async fn connection(
     }
 }
 
-async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> Response {
+async fn handle(
+    req: Request,
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+    remote: std::net::SocketAddr,
+) -> Response {
     let result = match req {
         Request::Ping => Ok(Response::Pong),
         Request::Hello { .. } => Err(ErrorFrame::new(
@@ -149,17 +154,19 @@ async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> 
             )),
         },
         Request::Login { user, password } => {
-            login(node, &user, &password).await.map(|(claims, token)| {
-                *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Session {
-                    subject: claims.sub.clone(),
-                    role: claims.roles.first().cloned().unwrap_or_default(),
-                });
-                Response::Token {
-                    token,
-                    subject: claims.sub,
-                    expires_at: claims.exp,
-                }
-            })
+            login(node, &user, &password, remote)
+                .await
+                .map(|(claims, token)| {
+                    *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Session {
+                        subject: claims.sub.clone(),
+                        role: claims.roles.first().cloned().unwrap_or_default(),
+                    });
+                    Response::Token {
+                        token,
+                        subject: claims.sub,
+                        expires_at: claims.exp,
+                    }
+                })
         }
         Request::Post {
             channel,
@@ -189,7 +196,7 @@ async fn handle(req: Request, node: &Node, session: &Mutex<Option<Session>>) -> 
             ErrorCode::Internal,
             "subscriptions have their own stream",
         )),
-        Request::Authenticate { token } => authenticate(node, &token).map(|claims| {
+        Request::Authenticate { token } => authenticate(node, &token, remote).map(|claims| {
             let s = Session {
                 subject: claims.sub,
                 role: claims.roles.first().cloned().unwrap_or_default(),
@@ -421,12 +428,24 @@ fn signing_key(node: &Node) -> Result<Vec<u8>, ErrorFrame> {
 }
 
 /// Checks a password against the users registry and issues a token.
-async fn login(node: &Node, user: &str, password: &str) -> Result<(Claims, String), ErrorFrame> {
+async fn login(
+    node: &Node,
+    user: &str,
+    password: &str,
+    remote: std::net::SocketAddr,
+) -> Result<(Claims, String), ErrorFrame> {
     let bad = || ErrorFrame::new(ErrorCode::BadCredentials, "unknown user or wrong password");
     let entry = node
         .query(|c| store::registry_get(c, Registry::Users, user))
         .map_err(internal)?
-        .ok_or_else(bad)?;
+        .ok_or_else(|| {
+            node.audit().record(
+                "login_failed",
+                user,
+                &format!("unknown user, from {remote}"),
+            );
+            bad()
+        })?;
     let hash = entry.data["password_hash"]
         .as_str()
         .ok_or_else(bad)?
@@ -446,7 +465,11 @@ async fn login(node: &Node, user: &str, password: &str) -> Result<(Claims, Strin
     .await
     .map_err(internal)?;
     if !ok {
-        tracing::info!(user, "failed login");
+        node.audit().record(
+            "login_failed",
+            user,
+            &format!("wrong password from {remote}"),
+        );
         return Err(bad());
     }
     let roles = entry.data["roles"]
@@ -468,12 +491,32 @@ async fn login(node: &Node, user: &str, password: &str) -> Result<(Claims, Strin
         exp: now + TOKEN_TTL_SECS,
     };
     let token = token::sign(&signing_key(node)?, &claims).map_err(internal)?;
-    tracing::info!(user, "login");
+    node.audit()
+        .record("login", user, &format!("password login from {remote}"));
     Ok((claims, token))
 }
 
-/// Checks a token: signature, cluster, expiry, and that its user still exists.
-fn authenticate(node: &Node, token: &str) -> Result<Claims, ErrorFrame> {
+/// Checks a token: signature, cluster, expiry, and that its user still
+/// exists. Every refusal is audited.
+fn authenticate(
+    node: &Node,
+    token: &str,
+    remote: std::net::SocketAddr,
+) -> Result<Claims, ErrorFrame> {
+    let result = check_token(node, token);
+    if let Err(e) = &result
+        && e.code == ErrorCode::InvalidToken
+    {
+        node.audit().record(
+            "token_refused",
+            &token::unverified_subject(token).unwrap_or_else(|| "unknown".into()),
+            &format!("{} (from {remote})", e.message),
+        );
+    }
+    result
+}
+
+fn check_token(node: &Node, token: &str) -> Result<Claims, ErrorFrame> {
     let public = token::public_key(&signing_key(node)?).map_err(internal)?;
     let claims = token::verify(&public, token, &node.config().cluster_id, token::now())
         .map_err(|e| ErrorFrame::new(ErrorCode::InvalidToken, e.to_string()))?;

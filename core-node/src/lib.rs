@@ -8,6 +8,7 @@
 //! * [`config`], [`metrics`], [`cli`] (operator commands), [`bench`].
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod client_port;

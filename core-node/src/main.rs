@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use core_node::cli::{self, ApiArgs, KvCommand};
+use core_node::cli::{self, ApiArgs, AuditCommand, ChannelCommand, KvCommand, UserCommand};
 use core_node::config::{Config, LogFormat, RunArgs};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,27 @@ enum Command {
     Kv {
         #[command(subcommand)]
         command: KvCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Manage users (people and scripts that log in with a password).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Manage messaging channels.
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Check or query the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -169,6 +190,9 @@ fn main() -> ExitCode {
             Command::Status { api } => cli::status(&api).await,
             Command::Members { api } => cli::members(&api).await,
             Command::Kv { command, api } => cli::kv(&api, command).await,
+            Command::User { command, api } => cli::user(&api, command).await,
+            Command::Channel { command, api } => cli::channel(&api, command).await,
+            Command::Audit { command, api } => cli::audit(&api, command).await,
             Command::Leave { node, api } => {
                 cli::admin_post(&api, &format!("/leave?node_id={node}")).await
             }

@@ -96,6 +96,16 @@ pub enum AppRequest {
         /// How long to wait for something new.
         wait_ms: u64,
     },
+    /// Audit records of `origin`'s chain (sent to the leader; an empty list
+    /// asks how far the leader has it).
+    Audit {
+        /// The sending core.
+        origin: String,
+        /// Records, oldest first.
+        records: Vec<crate::audit::Record>,
+    },
+    /// Query the leader's audit collection.
+    AuditQuery(crate::audit::Filter),
     /// The sender's presence table (sent to every core).
     Presence {
         /// The sending core.
@@ -118,6 +128,10 @@ pub enum AppReply {
     Done,
     /// Answer to `Pull`.
     Replicas(Vec<crate::messages::Replica>),
+    /// Answer to `Audit`: how far the leader holds the sender's chain.
+    AuditUpto(u64),
+    /// Answer to `AuditQuery`.
+    AuditRecords(Vec<crate::audit::Record>),
     /// It failed.
     Error(RemoteError),
 }
@@ -299,6 +313,8 @@ pub struct Node {
     messages: Arc<crate::messages::MessageStore>,
     /// Who is connected (in memory, shared with the other cores).
     presence: Arc<crate::presence::Presence>,
+    /// The audit log.
+    audit: Arc<crate::audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Node {
@@ -327,6 +343,11 @@ impl Node {
     /// This node's message store.
     pub fn messages(&self) -> &Arc<crate::messages::MessageStore> {
         &self.messages
+    }
+
+    /// This node's audit log.
+    pub fn audit(&self) -> &Arc<crate::audit::AuditLog> {
+        &self.audit
     }
 
     /// This node's presence table.
@@ -951,6 +972,8 @@ impl Node {
                 self.presence.receive(&origin, entries);
                 Ok(AppReply::Done)
             }
+            AppRequest::Audit { origin, records } => self.collect_audit(&origin, &records),
+            AppRequest::AuditQuery(filter) => self.audit_query(filter).await,
         };
         result.unwrap_or_else(|e| AppReply::Error(e.to_remote()))
     }
@@ -980,6 +1003,35 @@ impl Node {
             }
         }
         apis
+    }
+
+    fn collect_audit(
+        &self,
+        origin: &str,
+        records: &[crate::audit::Record],
+    ) -> Result<AppReply, NodeError> {
+        if !self.is_leader() {
+            return Err(NodeError::NoLeader {
+                reason: "not the leader; audit records go to the leader".into(),
+            });
+        }
+        self.audit
+            .collect(origin, records)
+            .map(AppReply::AuditUpto)
+            .map_err(NodeError::Invalid)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft_metrics().current_leader.as_ref() == Some(&self.id)
+    }
+
+    /// Queries the leader's audit collection (here, or forwarded).
+    pub async fn audit_query(&self, filter: crate::audit::Filter) -> Result<AppReply, NodeError> {
+        if self.is_leader() {
+            return Ok(AppReply::AuditRecords(self.audit.query(&filter)?));
+        }
+        self.call_leader(AppRequest::AuditQuery(filter), self.forward_timeout())
+            .await
     }
 
     /// The other cores of the membership (voters and learners), with their
@@ -1264,9 +1316,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         source,
     })?;
     let (material, _files) = load_tls(&config, &data_dir, config.advertise(config.raft_addr).ip())?;
+    let audit = Arc::new(
+        crate::audit::AuditLog::open(&data_dir.join(crate::audit::AUDIT_DB), &config.node_id)
+            .map_err(StartError::Storage)?,
+    );
+    // Every refused certificate is audited, whichever port it came to.
+    let audited = |port: &'static str| {
+        let audit = audit.clone();
+        move |r: &lanmesh_shared::tls::Refusal| {
+            audit.record("cert_refused", "unknown", &format!("{port} port: {r}"));
+        }
+    };
     let revoked = RevokedSerials::default();
-    let raft_policy =
-        PeerPolicy::only(config.cluster_id.clone(), &[Role::Core]).with_revoked(revoked.clone());
+    let raft_policy = PeerPolicy::only(config.cluster_id.clone(), &[Role::Core])
+        .with_revoked(revoked.clone())
+        .on_refusal(audited("Raft"));
     let server_tls = tls::server_config(
         &material,
         raft_policy.clone(),
@@ -1288,7 +1352,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // operator role of this cluster), so apps may also log in otherwise.
     let client_policy =
         PeerPolicy::only(config.cluster_id.clone(), &[Role::Client, Role::Operator])
-            .with_revoked(revoked.clone());
+            .with_revoked(revoked.clone())
+            .on_refusal(audited("client"));
     let client_tls = tls::server_config(
         &material,
         client_policy,
@@ -1357,7 +1422,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     };
     let acceptor = if api_https {
         let policy = PeerPolicy::only(config.cluster_id.clone(), &[Role::Operator, Role::Core])
-            .with_revoked(revoked.clone());
+            .with_revoked(revoked.clone())
+            .on_refusal(audited("admin API"));
         let cfg = tls::server_config(&material, policy, ClientAuth::Optional, &[b"http/1.1"])?;
         Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
     } else {
@@ -1417,6 +1483,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             &config.node_id,
             Duration::from_millis(config.presence.ttl_ms),
         )),
+        audit: audit.clone(),
     });
 
     let tasks = vec![
@@ -1441,6 +1508,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tokio::spawn(bootstrap(node.clone(), shutdown.clone())),
         tokio::spawn(crate::msgsync::run(node.clone(), shutdown.clone())),
         tokio::spawn(crate::presence::run(node.clone(), shutdown.clone())),
+        tokio::spawn(crate::audit::ship(node.clone(), shutdown.clone())),
     ];
 
     write_node_file(&data_dir, &node.status(), api_https);
@@ -1554,6 +1622,13 @@ async fn watch_metrics(node: Arc<Node>, shutdown: CancellationToken) {
                 metrics.leader_changes.inc();
             }
             tracing::info!(leader = ?m.current_leader.as_ref().map(|l| &l.0), term = m.current_term, "leader changed");
+            if let Some(l) = &m.current_leader {
+                node.audit.record(
+                    "leader_change",
+                    node.id(),
+                    &format!("leader is {} (term {})", l.0, m.current_term),
+                );
+            }
             last_leader = m.current_leader.clone();
         }
         let key = (

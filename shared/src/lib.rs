@@ -21,5 +21,6 @@ pub mod identity;
 pub mod link;
 pub mod pki;
 pub mod proto;
+pub mod secret;
 pub mod tls;
 pub mod token;
