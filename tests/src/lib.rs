@@ -65,6 +65,11 @@ impl From<Output> for Ran {
 /// Runs `program args...` in `cwd` with no inherited `LANMESH_*` variables, and
 /// waits for it (each call is bounded by the program itself; these are CLIs).
 pub fn run(program: &Path, cwd: &Path, args: &[&str]) -> Ran {
+    run_env(program, cwd, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_env(program: &Path, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Ran {
     let mut cmd = Command::new(program);
     cmd.args(args).current_dir(cwd);
     for (k, _) in std::env::vars_os() {
@@ -72,6 +77,7 @@ pub fn run(program: &Path, cwd: &Path, args: &[&str]) -> Ran {
             cmd.env_remove(k);
         }
     }
+    cmd.envs(env.iter().copied());
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
         .into()
