@@ -39,6 +39,9 @@ pub enum Workload {
     Read,
     /// Stale-allowed local GET only (etcd: serializable).
     ReadLocal,
+    /// Messaging: `--clients` publishers and `--subscribers` subscribers
+    /// on one core's client port (lanmesh with --spawn only).
+    Messages,
 }
 
 /// `core-node bench` flags.
@@ -76,6 +79,13 @@ pub struct BenchArgs {
     /// leader is abandoned and retried, as a client with a deadline would.
     #[arg(long, default_value_t = 250)]
     pub failover_attempt_ms: u64,
+    /// Subscribers on the loaded core (messages workload).
+    #[arg(long, default_value_t = 4)]
+    pub subscribers: usize,
+    /// Messages workload: also stop a core, post this many messages, restart
+    /// it and time anti-entropy until it is level (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    pub convergence: usize,
     /// Path of the etcd binary (for --target etcd).
     #[arg(long, default_value = "etcd")]
     pub etcd_bin: PathBuf,
@@ -323,7 +333,8 @@ impl Driver {
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let key = format!("bench/{key:08}");
         match (self.system, workload) {
-            (System::Lanmesh, Workload::Write) => {
+            // Messages never reach the HTTP driver (see msgbench).
+            (System::Lanmesh, Workload::Write | Workload::Messages) => {
                 (Method::PUT, format!("/v1/kv/{key}"), self.value.clone())
             }
             (System::Lanmesh, Workload::Read) => (Method::GET, format!("/v1/kv/{key}"), Vec::new()),
@@ -332,7 +343,7 @@ impl Driver {
                 format!("/v1/kv/{key}?consistency=local"),
                 Vec::new(),
             ),
-            (System::Etcd, Workload::Write) => (
+            (System::Etcd, Workload::Write | Workload::Messages) => (
                 Method::POST,
                 "/v3/kv/put".into(),
                 serde_json::json!({"key": b64(key.as_bytes()), "value": b64(&self.value)})
@@ -632,6 +643,44 @@ async fn run_inner(args: BenchArgs) -> Result<()> {
     };
     let duration = Duration::from_secs(args.duration);
     for workload in &args.workload {
+        if *workload == Workload::Messages {
+            let Some(s) = spawned.as_mut() else {
+                bail!(
+                    "--workload messages needs --spawn N (the bench creates its user and channel)"
+                );
+            };
+            if args.target != System::Lanmesh {
+                bail!("--workload messages is lanmesh only");
+            }
+            let tls_dir = s.dir.path().join("tls");
+            let nodes = s
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.api.clone(), s.dir.path().join(&n.name)))
+                .collect();
+            let cluster = crate::msgbench::Cluster {
+                tls_dir: &tls_dir,
+                nodes,
+            };
+            let settings = crate::msgbench::Settings {
+                publishers: args.clients.clone(),
+                subscribers: args.subscribers,
+                duration,
+                body_size: args.value_size,
+                convergence: args.convergence,
+            };
+            let etcd = args.etcd_bin.clone();
+            let mut control = |i: usize, start: bool| -> Result<()> {
+                if start {
+                    s.launch(i, &etcd)
+                } else {
+                    s.kill(i);
+                    Ok(())
+                }
+            };
+            crate::msgbench::run(&cluster, &settings, &driver.http, &mut control).await?;
+            continue;
+        }
         if *workload != Workload::Write {
             prefill(&driver, &url, args.keys).await?;
         }

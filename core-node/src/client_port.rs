@@ -232,11 +232,8 @@ enum Replication {
 }
 
 fn channel_mode(node: &Node, channel: &str) -> Result<Replication, ErrorFrame> {
-    match node
-        .query(|c| store::registry_get(c, Registry::Channels, channel))
-        .map_err(internal)?
-    {
-        Some(entry) if entry.data["replication"] == "raft" => Ok(Replication::Raft),
+    match node.channel_replication(channel).map_err(internal)? {
+        Some(r) if r == "raft" => Ok(Replication::Raft),
         Some(_) => Ok(Replication::AntiEntropy),
         None => Err(ErrorFrame::new(
             ErrorCode::NotFound,
@@ -329,6 +326,9 @@ async fn post(
     })
 }
 
+/// Most pushed messages queued before a flush.
+const PUSH_BATCH: usize = 256;
+
 /// Serves one subscription: `Subscribed`, then every new message of the
 /// channel on this stream until the client goes away.
 async fn subscription(
@@ -351,7 +351,22 @@ async fn subscription(
     loop {
         match live.recv().await {
             Ok(m) if m.channel == channel => {
-                if out.send(&Response::Message(m)).await.is_err() {
+                // Queue what else is already waiting, then flush once.
+                if out.feed_message(&m).await.is_err() {
+                    return;
+                }
+                for _ in 0..PUSH_BATCH {
+                    match live.try_recv() {
+                        Ok(m) if m.channel == channel => {
+                            if out.feed_message(&m).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                if out.flush().await.is_err() {
                     return;
                 }
             }

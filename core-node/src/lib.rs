@@ -16,6 +16,7 @@ pub mod config;
 pub mod http;
 pub mod messages;
 pub mod metrics;
+pub mod msgbench;
 pub mod msgsync;
 pub mod node;
 pub mod presence;

@@ -68,7 +68,7 @@ pub struct MessageStore {
     origin: String,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     read: Mutex<Connection>,
-    fanout: broadcast::Sender<Message>,
+    fanout: broadcast::Sender<Arc<Message>>,
     /// Per-origin contiguous high-water marks.
     hw: Arc<Mutex<HashMap<String, u64>>>,
     /// Bumped after every commit that stored something.
@@ -121,7 +121,8 @@ impl MessageStore {
                  hidden INTEGER NOT NULL DEFAULT 0,
                  UNIQUE (origin, seq));
              CREATE INDEX IF NOT EXISTS messages_by_channel ON messages (channel, pos);
-             CREATE INDEX IF NOT EXISTS messages_by_idem ON messages (sender, idem);",
+             CREATE UNIQUE INDEX IF NOT EXISTS messages_visible_idem
+                 ON messages (sender, idem) WHERE hidden = 0;",
         )
         .map_err(io::Error::other)?;
         let hw: HashMap<String, u64> = {
@@ -266,18 +267,18 @@ impl MessageStore {
 
     /// New visible messages of every channel, as they are stored (posted here,
     /// received from a peer, or committed through Raft).
-    pub fn subscribe(&self) -> broadcast::Receiver<Message> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Message>> {
         self.fanout.subscribe()
     }
 
     /// Hands a message stored elsewhere (a Raft-replicated channel) to this
     /// node's subscribers.
     pub fn publish(&self, m: Message) {
-        let _ = self.fanout.send(m);
+        let _ = self.fanout.send(Arc::new(m));
     }
 
     /// A sender for [`MessageStore::publish`] that outlives borrows.
-    pub fn fanout(&self) -> broadcast::Sender<Message> {
+    pub fn fanout(&self) -> broadcast::Sender<Arc<Message>> {
         self.fanout.clone()
     }
 
@@ -304,7 +305,7 @@ impl Drop for MessageStore {
 struct Writer {
     conn: Connection,
     origin: String,
-    fanout: broadcast::Sender<Message>,
+    fanout: broadcast::Sender<Arc<Message>>,
     hw: Arc<Mutex<HashMap<String, u64>>>,
     changed: watch::Sender<u64>,
 }
@@ -387,7 +388,7 @@ impl Writer {
                 }
                 for m in visible {
                     // No subscribers is not an error.
-                    let _ = self.fanout.send(m);
+                    let _ = self.fanout.send(Arc::new(m));
                 }
                 if stored {
                     self.changed.send_modify(|v| *v = v.wrapping_add(1));
@@ -413,25 +414,26 @@ fn post(
     body: Vec<u8>,
     idem: &str,
 ) -> rusqlite::Result<(Message, bool)> {
-    let existing = tx
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM messages WHERE sender = ?1 AND idem = ?2
-             ORDER BY hidden, origin, seq LIMIT 1"
-        ))?
-        .query_row(params![sender, idem], row)
-        .optional()?;
-    if let Some(m) = existing {
-        return Ok((m, true));
-    }
     let seq = hw.get(origin).copied().unwrap_or(0) + 1;
     let ts_ms = now_ms();
-    tx.prepare_cached(
-        "INSERT INTO messages (origin, seq, channel, sender, ts_ms, body, idem)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        origin, seq as i64, channel, sender, ts_ms, body, idem
-    ])?;
+    // The partial unique index on visible (sender, idem) turns a retry into
+    // a no-op insert; only then is the first message looked up.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO messages (origin, seq, channel, sender, ts_ms, body, idem)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            origin, seq as i64, channel, sender, ts_ms, body, idem
+        ])?;
+    if inserted == 0 {
+        let first = tx
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM messages WHERE sender = ?1 AND idem = ?2 AND hidden = 0"
+            ))?
+            .query_row(params![sender, idem], row)?;
+        return Ok((first, true));
+    }
     hw.insert(origin.to_owned(), seq);
     Ok((
         Message {
@@ -535,7 +537,7 @@ mod tests {
             .post("other", "alice", b"x".to_vec(), "k2")
             .await
             .unwrap();
-        assert_eq!(live.try_recv().unwrap().body, b"one");
+        assert_eq!(live.try_recv().unwrap().body, b"one".to_vec());
         let page = store.history("ops", 0, 1).unwrap();
         assert_eq!(page.len(), 1);
         let rest = store.history("ops", page[0].pos, 10).unwrap();

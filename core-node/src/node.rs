@@ -387,6 +387,11 @@ impl Node {
         Ok(self.sm.query(f)?)
     }
 
+    /// A channel's replication (`"raft"` / `"anti-entropy"`), `None` if unknown.
+    pub fn channel_replication(&self, name: &str) -> Result<Option<String>, NodeError> {
+        Ok(self.sm.channel_replication(name)?)
+    }
+
     /// The leader's id and node info, if known and not us.
     fn remote_leader(&self) -> Option<(NodeName, CoreNode)> {
         let m = self.raft_metrics();

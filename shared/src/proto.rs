@@ -268,21 +268,28 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Encodes `msg` as one frame (length prefix included) in a single buffer.
+fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; 4];
+    rmp_serde::encode::write_named(&mut buf, msg)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = buf.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge);
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
 /// Writes one message as one frame and finishes the stream.
 pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), FrameError> {
-    let bytes = rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if bytes.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge);
-    }
-    let mut framed = FramedWrite::new(&mut *send, codec());
-    framed
-        .send(Bytes::from(bytes))
+    let frame = encode_frame(msg)?;
+    send.write_all(&frame)
         .await
-        .map_err(FrameError::Io)?;
-    drop(framed);
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
     send.finish()
         .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
     Ok(())
@@ -307,6 +314,37 @@ impl<'a> FrameWriter<'a> {
         }
     }
 
+    /// Queues one message without flushing (follow with [`FrameWriter::flush`]).
+    pub async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        let bytes =
+            rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        if bytes.len() > MAX_FRAME {
+            return Err(FrameError::TooLarge);
+        }
+        self.inner
+            .feed(Bytes::from(bytes))
+            .await
+            .map_err(FrameError::Io)
+    }
+
+    /// Queues a pushed message (`Response::Message`) from a borrowed
+    /// [`Message`]: the same bytes, without cloning the message.
+    pub async fn feed_message(&mut self, m: &Message) -> Result<(), FrameError> {
+        /// Serializes exactly like `Response::Message`.
+        #[derive(Serialize)]
+        enum Push<'a> {
+            Message(&'a Message),
+        }
+        self.feed(&Push::Message(m)).await
+    }
+
+    /// Writes out what was queued.
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        SinkExt::<Bytes>::flush(&mut self.inner)
+            .await
+            .map_err(FrameError::Io)
+    }
+
     /// Writes one message.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
         let bytes =
@@ -321,19 +359,38 @@ impl<'a> FrameWriter<'a> {
     }
 }
 
-/// Reads one frame and decodes it.
+/// Reads one frame and decodes it (one allocation, of the frame's size).
 pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, FrameError> {
-    let mut framed = FramedRead::new(recv, codec());
-    match framed.next().await {
-        None => Err(FrameError::Closed),
-        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Err(FrameError::TooLarge),
-        Some(Err(e)) => Err(FrameError::Io(e)),
-        Some(Ok(frame)) => {
-            rmp_serde::from_slice(&frame).map_err(|e| FrameError::Malformed(e.to_string()))
+    use quinn::ReadExactError;
+    let io = |e: quinn::ReadError| FrameError::Io(std::io::Error::other(e));
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Err(FrameError::Closed),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            return Err(FrameError::Malformed(format!(
+                "stream ended inside a length prefix ({n} of 4 bytes)"
+            )));
         }
+        Err(ReadExactError::ReadError(e)) => return Err(io(e)),
     }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge);
+    }
+    let mut frame = vec![0u8; len];
+    match recv.read_exact(&mut frame).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(n)) => {
+            return Err(FrameError::Malformed(format!(
+                "stream ended inside a frame ({n} of {len} bytes)"
+            )));
+        }
+        Err(ReadExactError::ReadError(e)) => return Err(io(e)),
+    }
+    rmp_serde::from_slice(&frame).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// Why a client call failed.
@@ -540,5 +597,33 @@ mod tests {
         let e = Response::Error(ErrorFrame::new(ErrorCode::NotLoggedIn, "x"));
         let b = rmp_serde::to_vec_named(&e).unwrap();
         assert_eq!(rmp_serde::from_slice::<Response>(&b).unwrap(), e);
+    }
+}
+
+#[cfg(test)]
+mod push_tests {
+    use super::*;
+
+    /// A pushed message written from a borrow is byte-for-byte a `Response::Message`.
+    #[test]
+    fn borrowed_push_encodes_like_the_owned_response() {
+        let m = Message {
+            origin: "node-1".into(),
+            seq: 7,
+            channel: "ops".into(),
+            sender: "alice".into(),
+            ts_ms: 1,
+            body: b"hi".to_vec(),
+            pos: 3,
+        };
+        #[derive(Serialize)]
+        enum Push<'a> {
+            Message(&'a Message),
+        }
+        let owned = rmp_serde::to_vec_named(&Response::Message(m.clone())).unwrap();
+        let borrowed = rmp_serde::to_vec_named(&Push::Message(&m)).unwrap();
+        assert_eq!(owned, borrowed);
+        let back: Response = rmp_serde::from_slice(&borrowed).unwrap();
+        assert_eq!(back, Response::Message(m));
     }
 }

@@ -60,8 +60,12 @@ struct Shared {
     snapshot_files: Mutex<()>,
     metrics: Option<Arc<Metrics>>,
     revoked: RevokedSerials,
+    /// Channel name -> replication, loaded on demand; `None` after any
+    /// channel change (or snapshot install) until the next lookup.
+    channels: Mutex<Option<std::collections::HashMap<String, String>>>,
     /// Where messages of Raft-replicated channels go once applied.
-    publish: std::sync::OnceLock<tokio::sync::broadcast::Sender<lanmesh_shared::proto::Message>>,
+    publish:
+        std::sync::OnceLock<tokio::sync::broadcast::Sender<Arc<lanmesh_shared::proto::Message>>>,
 }
 
 fn open_state(path: &Path) -> io::Result<Connection> {
@@ -161,14 +165,52 @@ impl StateMachine {
                 metrics,
                 revoked,
                 publish: std::sync::OnceLock::new(),
+                channels: Mutex::new(None),
             }),
         })
     }
 
     /// Sends every newly applied message of a Raft-replicated channel to `tx`
     /// (this node's subscribers).
-    pub fn publish_to(&self, tx: tokio::sync::broadcast::Sender<lanmesh_shared::proto::Message>) {
+    pub fn publish_to(
+        &self,
+        tx: tokio::sync::broadcast::Sender<Arc<lanmesh_shared::proto::Message>>,
+    ) {
         let _ = self.shared.publish.set(tx);
+    }
+
+    /// A channel's replication (`"raft"` or `"anti-entropy"`), or `None` if
+    /// there is no such channel. Served from memory between channel changes:
+    /// posts look this up on every message.
+    pub fn channel_replication(&self, name: &str) -> io::Result<Option<String>> {
+        let mut cache = self
+            .shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cache.is_none() {
+            let all = self.query(|c| store::registry_list(c, store::Registry::Channels))?;
+            *cache = Some(
+                all.into_iter()
+                    .map(|e| {
+                        let r = e.data["replication"]
+                            .as_str()
+                            .unwrap_or("anti-entropy")
+                            .to_owned();
+                        (e.name, r)
+                    })
+                    .collect(),
+            );
+        }
+        Ok(cache.as_ref().and_then(|m| m.get(name).cloned()))
+    }
+
+    fn forget_channels(&self) {
+        *self
+            .shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Runs a read-only query against the current state.
@@ -339,11 +381,23 @@ impl Shared {
         let mut membership = None;
         let mut revoked = Vec::new();
         let mut posted = Vec::new();
+        let mut channels_changed = false;
         for (log_id, cmd, m) in batch {
             let applied = match cmd {
                 Some(cmd) => {
                     if let Command::Revoke { serial } = cmd {
                         revoked.push(serial.clone());
+                    }
+                    if let Command::RegistryPut {
+                        registry: store::Registry::Channels,
+                        ..
+                    }
+                    | Command::RegistryDelete {
+                        registry: store::Registry::Channels,
+                        ..
+                    } = cmd
+                    {
+                        channels_changed = true;
                     }
                     let applied = store::apply(&tx, log_id.index, cmd).map_err(io::Error::other)?;
                     if let (
@@ -392,12 +446,15 @@ impl Shared {
         }
         tx.commit().map_err(io::Error::other)?;
         drop(conn);
+        if channels_changed {
+            *self.channels.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         for s in &revoked {
             self.revoked.insert(s);
         }
         if let Some(tx) = self.publish.get() {
             for m in posted {
-                let _ = tx.send(m);
+                let _ = tx.send(Arc::new(m));
             }
         }
         if let Some(m) = &self.metrics {
@@ -471,7 +528,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
         let meta = meta.clone();
-        self.blocking(move |s| s.install(&meta, &snapshot)).await
+        let r = self.blocking(move |s| s.install(&meta, &snapshot)).await;
+        self.forget_channels();
+        r
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
