@@ -230,6 +230,29 @@ async fn handle(node: Arc<Node>, caller: Caller, req: Request<Incoming>) -> Resp
     response
 }
 
+/// `POST /v1/revoked {"serial": "..."}`: revokes a certificate on every
+/// node: new handshakes with it fail, and sessions already logged in with it
+/// end at their next request.
+async fn revoke(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body = read_body(node, req).await?;
+    let data: serde_json::Map<String, serde_json::Value> = parse_json(&body)?;
+    let raw = data
+        .get("serial")
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| ApiError::bad_request("missing \"serial\" (hex, as `pki list` shows it)"))?;
+    let serial = lanmesh_shared::identity::normalize_serial(raw)
+        .ok_or_else(|| ApiError::bad_request(format!("{raw:?} is not a certificate serial")))?;
+    let applied = node
+        .write(Command::Revoke {
+            serial: serial.clone(),
+        })
+        .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"serial": serial, "revision": applied.revision, "changed": applied.changed}),
+    ))
+}
+
 /// Audits a successful change made through the API.
 fn audit_change(
     node: &Node,
@@ -248,6 +271,7 @@ fn audit_change(
         "join" => "member_join",
         "leave" => "member_leave",
         "admin" => "admin_action",
+        "revoked" => "cert_revoked",
         _ => return,
     };
     let actor = match caller {
@@ -311,6 +335,7 @@ fn route_label(path: &str) -> &'static str {
         ["v1", "kv", ..] => "kv",
         ["v1", "status"] => "status",
         ["v1", "audit"] => "audit",
+        ["v1", "revoked"] => "revoked",
         ["v1", "members"] => "members",
         ["v1", r, ..] if Registry::parse(r).is_some() => "registry",
         ["v1", ..] => "admin",
@@ -489,6 +514,11 @@ async fn route_request(
         }
         (["v1", "kv"], &Method::GET) => kv_list(node, &req).await,
         (["v1", "audit"], &Method::GET) => audit(node, &req).await,
+        (["v1", "revoked"], &Method::GET) => {
+            node.read_barrier(consistency(&query_pairs(&req))?).await?;
+            ok_json(json!({"revoked": node.query(store::revoked)?}))
+        }
+        (["v1", "revoked"], &Method::POST) => revoke(node, req).await,
         (["v1", "kv", key], _) => kv(node, decode_segment(key)?, req).await,
         (["v1", reg], _) if Registry::parse(reg).is_some() => {
             registry(

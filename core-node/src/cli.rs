@@ -271,6 +271,38 @@ pub enum AuditCommand {
     },
 }
 
+/// `core-node revoke`
+pub async fn revoke(api: &ApiArgs, serial: Option<String>, cert: Option<PathBuf>) -> Result<()> {
+    let serial = match (serial, cert) {
+        (Some(s), _) => s,
+        (None, Some(path)) => {
+            let pem =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            use rustls::pki_types::pem::PemObject;
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+                .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
+            lanmesh_shared::identity::CertInfo::from_der(&der)?.serial
+        }
+        (None, None) => bail!("give --serial or --cert"),
+    };
+    let body = serde_json::to_vec(&serde_json::json!({"serial": serial}))?;
+    let answer = api.call(Method::POST, "/v1/revoked", body).await?;
+    if api.json {
+        return print_json(&answer);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&answer)?;
+    if v["changed"] == true {
+        println!(
+            "revoked {} on every node (revision {})",
+            v["serial"].as_str().unwrap_or(""),
+            v["revision"]
+        );
+    } else {
+        println!("{} was already revoked", v["serial"].as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
 /// `core-node user ...`
 pub async fn user(api: &ApiArgs, cmd: UserCommand) -> Result<()> {
     match cmd {

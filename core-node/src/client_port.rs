@@ -36,6 +36,8 @@ pub const TOKEN_TTL_SECS: i64 = 12 * 3600;
 struct Session {
     subject: String,
     role: String,
+    /// Serial of the client certificate, for a certificate login.
+    serial: Option<String>,
 }
 
 /// Application close code: the client failed version negotiation.
@@ -95,9 +97,11 @@ async fn connection(
         conn.close(CLOSE_NEGOTIATION.into(), b"version negotiation failed");
         return;
     }
+    let serial = peer_serial(&conn);
     let session = Arc::new(Mutex::new(peer.map(|id| Session {
         subject: id.name,
         role: id.role.to_string(),
+        serial,
     })));
     loop {
         let (mut send, mut recv) = tokio::select! {
@@ -143,16 +147,10 @@ async fn handle(
             ErrorCode::Malformed,
             "Hello was already negotiated",
         )),
-        Request::Whoami => match session.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            Some(s) => Ok(Response::Identity {
-                subject: s.subject,
-                role: s.role,
-            }),
-            None => Err(ErrorFrame::new(
-                ErrorCode::NotLoggedIn,
-                "log in first (Login, Authenticate with a token, or a client certificate)",
-            )),
-        },
+        Request::Whoami => logged_in(node, session).map(|s| Response::Identity {
+            subject: s.subject,
+            role: s.role,
+        }),
         Request::Login { user, password } => {
             login(node, &user, &password, remote)
                 .await
@@ -160,6 +158,7 @@ async fn handle(
                     *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Session {
                         subject: claims.sub.clone(),
                         role: claims.roles.first().cloned().unwrap_or_default(),
+                        serial: None,
                     });
                     Response::Token {
                         token,
@@ -178,7 +177,7 @@ async fn handle(
             after,
             limit,
         } => history(node, session, &channel, after, limit),
-        Request::Heartbeat { status } => logged_in(session).and_then(|who| {
+        Request::Heartbeat { status } => logged_in(node, session).and_then(|who| {
             if status.len() > 100 {
                 return Err(ErrorFrame::new(
                     ErrorCode::Malformed,
@@ -190,7 +189,7 @@ async fn handle(
                 interval_ms: node.presence().interval().as_millis() as u64,
             })
         }),
-        Request::Who => logged_in(session).map(|_| Response::Presence(node.presence().who())),
+        Request::Who => logged_in(node, session).map(|_| Response::Presence(node.presence().who())),
         // Served on their own streams.
         Request::Subscribe { .. } | Request::SubscribePresence => Err(ErrorFrame::new(
             ErrorCode::Internal,
@@ -200,6 +199,7 @@ async fn handle(
             let s = Session {
                 subject: claims.sub,
                 role: claims.roles.first().cloned().unwrap_or_default(),
+                serial: None,
             };
             *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
             Response::Identity {
@@ -214,12 +214,44 @@ async fn handle(
 /// Longest accepted idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 200;
 
-fn logged_in(session: &Mutex<Option<Session>>) -> Result<Session, ErrorFrame> {
-    session
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .ok_or_else(|| ErrorFrame::new(ErrorCode::NotLoggedIn, "log in first"))
+/// The session, if logged in; a certificate revoked since the handshake
+/// ends it (revocation reaches connections already open).
+fn logged_in(node: &Node, session: &Mutex<Option<Session>>) -> Result<Session, ErrorFrame> {
+    let mut guard = session.lock().unwrap_or_else(|p| p.into_inner());
+    let s = guard.clone().ok_or_else(|| {
+        ErrorFrame::new(
+            ErrorCode::NotLoggedIn,
+            "log in first (Login, Authenticate with a token, or a client certificate)",
+        )
+    })?;
+    if let Some(serial) = &s.serial
+        && node.is_revoked(serial)
+    {
+        *guard = None;
+        drop(guard);
+        node.audit().record(
+            "cert_refused",
+            &s.subject,
+            &format!("client port: certificate {serial} was revoked; session ended"),
+        );
+        return Err(ErrorFrame::new(
+            ErrorCode::InvalidToken,
+            format!("certificate {serial} has been revoked"),
+        ));
+    }
+    Ok(s)
+}
+
+/// The serial of the peer's certificate, if it presented one.
+fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = chain.first()?;
+    lanmesh_shared::identity::CertInfo::from_der(leaf)
+        .ok()
+        .map(|i| i.serial)
 }
 
 /// How a channel's messages are replicated.
@@ -262,7 +294,7 @@ fn history(
     after: u64,
     limit: u32,
 ) -> Result<Response, ErrorFrame> {
-    logged_in(session)?;
+    logged_in(node, session)?;
     let limit = limit.min(crate::messages::MAX_PAGE);
     let page = match channel_mode(node, channel)? {
         Replication::AntiEntropy => node
@@ -283,7 +315,7 @@ async fn post(
     body: Vec<u8>,
     idempotency_key: String,
 ) -> Result<Response, ErrorFrame> {
-    let who = logged_in(session)?;
+    let who = logged_in(node, session)?;
     if idempotency_key.is_empty() || idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
         return Err(ErrorFrame::new(
             ErrorCode::Malformed,
@@ -337,7 +369,7 @@ async fn subscription(
     node: &Node,
     session: &Mutex<Option<Session>>,
 ) {
-    let check = logged_in(session).and_then(|_| channel_exists(node, channel));
+    let check = logged_in(node, session).and_then(|_| channel_exists(node, channel));
     // Subscribe before answering, so nothing posted after `Subscribed` is missed.
     let mut live = node.messages().subscribe();
     let mut out = FrameWriter::new(send);
@@ -394,7 +426,7 @@ async fn presence_subscription(
 ) {
     let mut live = node.presence().subscribe();
     let mut out = FrameWriter::new(send);
-    if let Err(e) = logged_in(session) {
+    if let Err(e) = logged_in(node, session) {
         let _ = out.send(&Response::Error(e)).await;
         return;
     }

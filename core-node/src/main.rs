@@ -75,6 +75,19 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Revoke a certificate on every node (new handshakes fail, open sessions
+    /// end). `pki revoke` updates the CA's CRL file; this spreads the
+    /// revocation through the cluster at once.
+    Revoke {
+        /// Serial (hex, as `pki list` shows it).
+        #[arg(long, required_unless_present = "cert", conflicts_with = "cert")]
+        serial: Option<String>,
+        /// Or the certificate file itself.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Remove a member from the cluster (a leader hands over first).
     Leave {
         /// Node id to remove.
@@ -193,6 +206,7 @@ fn main() -> ExitCode {
             Command::User { command, api } => cli::user(&api, command).await,
             Command::Channel { command, api } => cli::channel(&api, command).await,
             Command::Audit { command, api } => cli::audit(&api, command).await,
+            Command::Revoke { serial, cert, api } => cli::revoke(&api, serial, cert).await,
             Command::Leave { node, api } => {
                 cli::admin_post(&api, &format!("/leave?node_id={node}")).await
             }

@@ -387,6 +387,11 @@ impl Node {
         Ok(self.sm.query(f)?)
     }
 
+    /// Whether a certificate serial was revoked through the cluster.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.sm.is_revoked(serial)
+    }
+
     /// A channel's replication (`"raft"` / `"anti-entropy"`), `None` if unknown.
     pub fn channel_replication(&self, name: &str) -> Result<Option<String>, NodeError> {
         Ok(self.sm.channel_replication(name)?)

@@ -219,6 +219,41 @@ async fn password_login_and_tokens() {
         ErrorCode::InvalidToken
     );
 
+    // A token signed with the real cluster key but expired. The key is in
+    // the replicated state, so a backup of it has the key.
+    let (s, backup) = http(Method::GET, &api, "/v1/backup", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("state.db"), &backup).unwrap();
+    let key: Vec<u8> = rusqlite::Connection::open(tmp.path().join("state.db"))
+        .unwrap()
+        .query_row(
+            "SELECT value FROM sm_meta WHERE key = 'token_key'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let now = lanmesh_shared::token::now();
+    let expired = lanmesh_shared::token::sign(
+        &key,
+        &lanmesh_shared::token::Claims {
+            cluster: id.clone(),
+            sub: "alice".into(),
+            kind: "user".into(),
+            roles: vec!["user".into()],
+            iat: now - 7200,
+            exp: now - 3600,
+        },
+    )
+    .unwrap();
+    let e = fresh.request(&auth(&expired)).await;
+    assert!(
+        matches!(&e, Err(ClientError::Server(f)) if f.code == ErrorCode::InvalidToken && f.message.contains("expired")),
+        "{e:?}"
+    );
+
     // Deleting the user revokes the token.
     let (s, _) = http(Method::DELETE, &api, "/v1/users/alice", Vec::new())
         .await
@@ -227,6 +262,33 @@ async fn password_login_and_tokens() {
     assert_eq!(
         server_code(fresh.request(&auth(&token)).await),
         ErrorCode::InvalidToken
+    );
+
+    // Every refusal (altered, forged, expired, revoked) is audited.
+    let refused = wait_for(
+        "four audited token refusals",
+        Duration::from_secs(10),
+        || {
+            let api = api.clone();
+            async move {
+                let v =
+                    lanmesh_tests::cluster::get_json(&api, "/v1/audit?kind=token_refused").await?;
+                let n = v["records"].as_array()?.len();
+                (n >= 4).then_some(v)
+            }
+        },
+    )
+    .await;
+    let details: Vec<&str> = refused["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["detail"].as_str())
+        .collect();
+    assert!(details.iter().any(|d| d.contains("expired")), "{details:?}");
+    assert!(
+        details.iter().any(|d| d.contains("no longer exists")),
+        "{details:?}"
     );
 }
 
@@ -349,5 +411,79 @@ async fn post_subscribe_history_on_one_node() {
     assert_eq!(
         server_code(poster.request(&post("", "x")).await),
         ErrorCode::Malformed
+    );
+}
+
+/// Revoking a client certificate through the cluster takes effect on every
+/// node: a session already logged in with it ends at its next request, and
+/// a new handshake with it is refused as revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_client_certificate_is_refused_everywhere() {
+    use lanmesh_tests::cluster::wait_for;
+    use lanmesh_tests::{bin, run};
+    use std::time::Duration;
+
+    let cluster = Cluster::start(3, "").await;
+    let id = cluster.cluster_id.clone();
+    cluster.pki.issue(Role::Client, "sensor-9");
+    let on2 = cluster.nodes[1].client.unwrap();
+    let on3 = cluster.nodes[2].client.unwrap();
+    let device = Client::connect(
+        &endpoint(&cluster.pki, &id, Some("sensor-9"), on2),
+        on2,
+        "device",
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        device.request(&Request::Whoami).await.unwrap(),
+        Response::Identity { .. }
+    ));
+
+    let cert = cluster.pki.dir.join("sensor-9.crt");
+    let out = run(
+        &bin("core-node"),
+        cluster.dir(),
+        &[
+            "revoke",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--api",
+            &cluster.nodes[0].api,
+        ],
+    )
+    .ok();
+    assert!(out.stdout.contains("revoked"), "{}", out.stdout);
+
+    wait_for("the open session to end", Duration::from_secs(10), || {
+        let device = device.clone();
+        async move {
+            match device.request(&Request::Whoami).await {
+                Err(ClientError::Server(e)) if e.code == ErrorCode::InvalidToken => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        server_code(device.request(&Request::Whoami).await),
+        ErrorCode::NotLoggedIn,
+        "the session stays ended"
+    );
+    let again = Client::connect(
+        &endpoint(&cluster.pki, &id, Some("sensor-9"), on3),
+        on3,
+        "device",
+    )
+    .await;
+    assert!(
+        matches!(
+            again,
+            Err(ClientError::Link(LinkError::RefusedByPeer {
+                reason: AlertReason::Revoked,
+                ..
+            }))
+        ),
+        "{again:?}"
     );
 }

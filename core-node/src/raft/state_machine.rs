@@ -213,6 +213,11 @@ impl StateMachine {
             .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Whether a certificate serial was revoked through the cluster.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.shared.revoked.contains(serial)
+    }
+
     /// Runs a read-only query against the current state.
     pub fn query<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> io::Result<T> {
         let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
