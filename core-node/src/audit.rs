@@ -105,6 +105,7 @@ pub struct AuditLog {
     origin: String,
     conn: Mutex<Connection>,
     appended: Notify,
+    counter: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -172,7 +173,13 @@ impl AuditLog {
             origin: origin.to_owned(),
             conn: Mutex::new(conn),
             appended: Notify::new(),
+            counter: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Counts appended records in `counter` (the node's metrics).
+    pub fn count_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        let _ = self.counter.set(counter);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -218,6 +225,9 @@ impl AuditLog {
         ])?;
         drop(conn);
         self.appended.notify_one();
+        if let Some(c) = self.counter.get() {
+            c.inc();
+        }
         Ok(r)
     }
 

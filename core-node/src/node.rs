@@ -1391,6 +1391,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     };
 
     let metrics = Arc::new(Metrics::new());
+    audit.count_in(metrics.audit_records.clone());
     let log = LogStore::open(
         &data_dir.join("raft.db"),
         Some(metrics.fsync_seconds.clone()),
