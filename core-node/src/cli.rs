@@ -434,7 +434,13 @@ pub async fn audit(api: &ApiArgs, cmd: AuditCommand) -> Result<()> {
             for r in v["records"].as_array().cloned().unwrap_or_default() {
                 let ts = r["ts_ms"].as_i64().unwrap_or(0);
                 let when = time::OffsetDateTime::from_unix_timestamp_nanos(ts as i128 * 1_000_000)
-                    .map(|t| t.to_string())
+                    .ok()
+                    .and_then(|t| {
+                        t.format(time::macros::format_description!(
+                            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+                        ))
+                        .ok()
+                    })
                     .unwrap_or_default();
                 println!(
                     "{when}  {:<10} #{:<5} {:<16} {:<14} {}",

@@ -208,7 +208,13 @@ pub async fn login(conn: &ConnArgs, user: &str) -> Result<()> {
     write_private(&path, &serde_json::to_vec_pretty(&file)?)
         .with_context(|| format!("writing {}", path.display()))?;
     let until = time::OffsetDateTime::from_unix_timestamp(expires_at)
-        .map(|t| t.to_string())
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .ok()
+        })
         .unwrap_or_default();
     if conn.json {
         println!(
