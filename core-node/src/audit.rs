@@ -146,6 +146,23 @@ fn schema(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
+fn insert(conn: &Connection, table: &str, r: &Record) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))?
+    .execute(params![
+        r.origin,
+        r.seq as i64,
+        r.ts_ms,
+        r.kind,
+        r.actor,
+        r.detail,
+        r.prev_hash,
+        r.hash
+    ])?;
+    Ok(())
+}
+
 fn last_of(
     conn: &Connection,
     table: &str,
@@ -210,19 +227,7 @@ impl AuditLog {
             hash: String::new(),
         };
         r.hash = r.compute_hash();
-        conn.prepare_cached(&format!(
-            "INSERT INTO local ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-        ))?
-        .execute(params![
-            r.origin,
-            r.seq as i64,
-            r.ts_ms,
-            r.kind,
-            r.actor,
-            r.detail,
-            r.prev_hash,
-            r.hash
-        ])?;
+        insert(&conn, "local", &r)?;
         drop(conn);
         self.appended.notify_one();
         if let Some(c) = self.counter.get() {
@@ -275,22 +280,7 @@ impl AuditLog {
                     r.seq
                 ));
             }
-            tx.prepare_cached(&format!(
-                "INSERT INTO collected ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-            ))
-            .and_then(|mut s| {
-                s.execute(params![
-                    r.origin,
-                    r.seq as i64,
-                    r.ts_ms,
-                    r.kind,
-                    r.actor,
-                    r.detail,
-                    r.prev_hash,
-                    r.hash
-                ])
-            })
-            .map_err(|e| e.to_string())?;
+            insert(&tx, "collected", r).map_err(|e| e.to_string())?;
             upto = r.seq;
             prev = r.hash.clone();
         }

@@ -347,15 +347,8 @@ impl<'a> FrameWriter<'a> {
 
     /// Writes one message.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
-        let bytes =
-            rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
-        if bytes.len() > MAX_FRAME {
-            return Err(FrameError::TooLarge);
-        }
-        self.inner
-            .send(Bytes::from(bytes))
-            .await
-            .map_err(FrameError::Io)
+        self.feed(msg).await?;
+        self.flush().await
     }
 }
 

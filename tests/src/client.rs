@@ -75,6 +75,19 @@ pub async fn login(ep: &quinn::Endpoint, addr: SocketAddr, user: &str, password:
     c
 }
 
+/// Logs in as `user` on node `i` of `cluster` (a fresh endpoint each time,
+/// so it follows a restarted node to its new client port).
+pub async fn login_to(
+    cluster: &crate::cluster::Cluster,
+    i: usize,
+    user: &str,
+    password: &str,
+) -> Client {
+    let addr = cluster.nodes[i].client.expect("node started");
+    let ep = endpoint(&cluster.pki, &cluster.cluster_id, None, addr);
+    login(&ep, addr, user, password).await
+}
+
 /// A post request.
 pub fn post(channel: &str, key: &str, body: &str) -> Request {
     Request::Post {

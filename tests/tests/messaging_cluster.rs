@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use lanmesh_shared::proto::{Request, Response};
-use lanmesh_tests::client::{all_history, create, endpoint, login, post};
+use lanmesh_tests::client::{all_history, create, login_to, post};
 use lanmesh_tests::cluster::{Cluster, wait_for};
 
 async fn setup(cluster: &Cluster) {
@@ -22,13 +22,8 @@ async fn setup(cluster: &Cluster) {
 async fn post_on_one_core_reaches_subscriber_on_another() {
     let cluster = Cluster::start(3, "").await;
     setup(&cluster).await;
-    let id = cluster.cluster_id.clone();
-    let (a, b) = (
-        cluster.nodes[0].client.unwrap(),
-        cluster.nodes[1].client.unwrap(),
-    );
-    let poster = login(&endpoint(&cluster.pki, &id, None, a), a, "alice", "pw").await;
-    let reader = login(&endpoint(&cluster.pki, &id, None, b), b, "alice", "pw").await;
+    let poster = login_to(&cluster, 0, "alice", "pw").await;
+    let reader = login_to(&cluster, 1, "alice", "pw").await;
     let mut sub = reader.subscribe("ops").await.unwrap();
 
     for i in 0..20 {
@@ -66,15 +61,8 @@ async fn post_on_one_core_reaches_subscriber_on_another() {
 async fn stopped_core_catches_up_without_duplicates() {
     let mut cluster = Cluster::start(3, "").await;
     setup(&cluster).await;
-    let id = cluster.cluster_id.clone();
-    let ep = |cluster: &Cluster, i: usize| {
-        let addr = cluster.nodes[i].client.unwrap();
-        (endpoint(&cluster.pki, &id, None, addr), addr)
-    };
-    let (ep1, a1) = ep(&cluster, 0);
-    let (ep2, a2) = ep(&cluster, 1);
-    let on1 = login(&ep1, a1, "alice", "pw").await;
-    let on2 = login(&ep2, a2, "alice", "pw").await;
+    let on1 = login_to(&cluster, 0, "alice", "pw").await;
+    let on2 = login_to(&cluster, 1, "alice", "pw").await;
     // Let node-3 see the user and channel before it goes down.
     on1.request(&post("ops", "before", "before")).await.unwrap();
 
@@ -100,8 +88,7 @@ async fn stopped_core_catches_up_without_duplicates() {
 
     let returned = Instant::now();
     cluster.nodes[2].restart().await;
-    let (ep3, a3) = ep(&cluster, 2);
-    let on3 = login(&ep3, a3, "alice", "pw").await;
+    let on3 = login_to(&cluster, 2, "alice", "pw").await;
     let expected: BTreeSet<String> = std::iter::once("before".to_owned())
         .chain((0..60).map(|i| format!("m{i}")))
         .collect();
@@ -207,21 +194,11 @@ async fn raft_channel_keeps_one_order_across_leader_kill() {
         r#"{"name":"orders","replication":"raft"}"#,
     )
     .await;
-    let id = cluster.cluster_id.clone();
     let (leader, _) = cluster.leader().await;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     let mut clients = Vec::new();
     for &i in &followers {
-        let addr = cluster.nodes[i].client.unwrap();
-        clients.push(
-            login(
-                &endpoint(&cluster.pki, &id, None, addr),
-                addr,
-                "alice",
-                "pw",
-            )
-            .await,
-        );
+        clients.push(login_to(&cluster, i, "alice", "pw").await);
     }
     let mut sub = clients[0].subscribe("orders").await.unwrap();
 
@@ -262,16 +239,7 @@ async fn raft_channel_keeps_one_order_across_leader_kill() {
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
 
     cluster.nodes[leader].restart().await;
-    let addr = cluster.nodes[leader].client.unwrap();
-    clients.push(
-        login(
-            &endpoint(&cluster.pki, &id, None, addr),
-            addr,
-            "alice",
-            "pw",
-        )
-        .await,
-    );
+    clients.push(login_to(&cluster, leader, "alice", "pw").await);
     let orders: Vec<Vec<(u64, Vec<u8>)>> = wait_for(
         "every node to hold the 40 messages",
         Duration::from_secs(30),

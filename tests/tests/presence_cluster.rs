@@ -4,11 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use lanmesh_shared::proto::{Client, Request, Response};
-use lanmesh_tests::client::{create, endpoint, login};
+use lanmesh_tests::client::{create, login_to};
 use lanmesh_tests::cluster::{Cluster, wait_for};
 
 /// Heartbeats every 300 ms until aborted (a client's keep-alive loop).
@@ -58,20 +57,14 @@ async fn presence_appears_expires_and_is_rebuilt_on_every_core() {
     let api = cluster.nodes[0].api.clone();
     create(&api, "/v1/users", r#"{"name":"alice","password":"pw"}"#).await;
     create(&api, "/v1/users", r#"{"name":"bob","password":"pw"}"#).await;
-    let id = cluster.cluster_id.clone();
-    let connect = |cluster: &Cluster, i: usize, user: &'static str| {
-        let addr: SocketAddr = cluster.nodes[i].client.unwrap();
-        let ep = endpoint(&cluster.pki, &id, None, addr);
-        async move { login(&ep, addr, user, "pw").await }
-    };
     // bob watches from every core; he never heartbeats.
     let mut observers = Vec::new();
     for i in 0..3 {
-        observers.push(connect(&cluster, i, "bob").await);
+        observers.push(login_to(&cluster, i, "bob", "pw").await);
     }
     let mut changes = observers[1].subscribe_presence().await.unwrap();
 
-    let alice = connect(&cluster, 0, "alice").await;
+    let alice = login_to(&cluster, 0, "alice", "pw").await;
     let Response::HeartbeatAck { interval_ms } = alice
         .request(&Request::Heartbeat {
             status: "online".into(),
@@ -93,7 +86,7 @@ async fn presence_appears_expires_and_is_rebuilt_on_every_core() {
     // An observer core restarts: it rebuilds presence from the others' tables.
     cluster.nodes[1].kill9();
     cluster.nodes[1].restart().await;
-    observers[1] = connect(&cluster, 1, "bob").await;
+    observers[1] = login_to(&cluster, 1, "bob", "pw").await;
     wait_who(
         &observers,
         vec![("alice", "node-1")],
@@ -118,14 +111,14 @@ async fn presence_appears_expires_and_is_rebuilt_on_every_core() {
     assert_eq!((entry.subject.as_str(), online), ("alice", false));
 
     // alice's own core restarts: her client reconnects and beats again.
-    let alice = connect(&cluster, 2, "alice").await;
+    let alice = login_to(&cluster, 2, "alice", "pw").await;
     let beating = heartbeat(alice);
     wait_who(&observers, vec![("alice", "node-3")], "alice on node-3").await;
     beating.abort();
     cluster.nodes[2].kill9();
     cluster.nodes[2].restart().await;
-    observers[2] = connect(&cluster, 2, "bob").await;
-    let alice = connect(&cluster, 2, "alice").await;
+    observers[2] = login_to(&cluster, 2, "bob", "pw").await;
+    let alice = login_to(&cluster, 2, "alice", "pw").await;
     let beating = heartbeat(alice);
     wait_who(
         &observers,
