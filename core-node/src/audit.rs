@@ -36,52 +36,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// Most records shipped (or answered) at once.
 const BATCH: usize = 500;
 
-/// One audit record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// The node that wrote it.
-    pub origin: String,
-    /// Its position in that node's chain, from 1.
-    pub seq: u64,
-    /// Unix milliseconds.
-    pub ts_ms: i64,
-    /// What happened (`login`, `login_failed`, `token_refused`,
-    /// `cert_refused`, `registry_change`, `config_change`, `member_join`,
-    /// `member_leave`, `admin_action`, `leader_change`).
-    pub kind: String,
-    /// Who did it (user, certificate name, node id, or `local-admin`).
-    pub actor: String,
-    /// Free-form detail.
-    pub detail: String,
-    /// Hash of the previous record (hex SHA-256).
-    pub prev_hash: String,
-    /// This record's hash (hex SHA-256).
-    pub hash: String,
-}
-
-impl Record {
-    /// The hash this record should carry.
-    pub fn compute_hash(&self) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for field in [
-            self.prev_hash.as_bytes(),
-            self.origin.as_bytes(),
-            &self.seq.to_be_bytes(),
-            &self.ts_ms.to_be_bytes(),
-            self.kind.as_bytes(),
-            self.actor.as_bytes(),
-            self.detail.as_bytes(),
-        ] {
-            ctx.update(&(field.len() as u64).to_be_bytes());
-            ctx.update(field);
-        }
-        hex(ctx.finish().as_ref())
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// One audit record (defined in `shared::proto`, since edges ship theirs).
+pub use lanmesh_shared::proto::AuditRecord as Record;
 
 /// A query of the collection (`GET /v1/audit`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

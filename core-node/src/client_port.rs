@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use lanmesh_shared::identity::Identity;
 use lanmesh_shared::link;
 use lanmesh_shared::proto::{
-    ErrorCode, ErrorFrame, FrameError, FrameWriter, Request, Response, VERSIONS, read_frame,
-    write_frame,
+    ErrorCode, ErrorFrame, FrameError, FrameWriter, PostResult, Request, Response, VERSIONS,
+    read_frame, write_frame,
 };
 use lanmesh_shared::token::{self, Claims};
 use tokio_util::sync::CancellationToken;
@@ -46,11 +46,53 @@ const CLOSE_NEGOTIATION: u32 = 0x4c10;
 /// Serves the client port until `shutdown` fires.
 pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>, shutdown: CancellationToken) {
     let stop = shutdown.clone();
-    link::accept_loop(endpoint, shutdown, "client", move |l: link::Link| {
-        let (node, stop) = (node.clone(), stop.clone());
-        async move { connection(l.conn, l.peer, node, stop).await }
-    })
+    let audited = node.clone();
+    let check: link::Admit = Arc::new(move |conn, peer| {
+        let r = admit(conn, peer);
+        if let Err(reason) = &r {
+            let who = peer
+                .map(|p| p.name.clone())
+                .unwrap_or_else(|| "anonymous".into());
+            audited
+                .audit()
+                .record("cert_refused", &who, &format!("client port: {reason}"));
+        }
+        r
+    });
+    link::accept_loop_admitting(
+        endpoint,
+        shutdown,
+        "client",
+        Some(check),
+        move |l: link::Link| {
+            let (node, stop) = (node.clone(), stop.clone());
+            async move { connection(l.conn, l.peer, node, stop).await }
+        },
+    )
     .await;
+}
+
+/// Which certificates each protocol on the client port takes: the client
+/// protocol takes `client`/`operator` certificates or none; the edge link
+/// (`lanmesh-edge/1`) takes `edge`/`core` certificates only.
+pub fn admit(conn: &quinn::Connection, peer: Option<&Identity>) -> Result<(), String> {
+    use lanmesh_shared::identity::Role;
+    let role = peer.map(|p| p.role);
+    match link::alpn(conn).as_deref() {
+        Some(p) if p == lanmesh_shared::tls::ALPN_EDGE => match role {
+            Some(Role::Edge | Role::Core) => Ok(()),
+            Some(r) => Err(format!(
+                "a {r} certificate is not permitted on the edge link"
+            )),
+            None => Err("the edge link needs an edge certificate".into()),
+        },
+        _ => match role {
+            None | Some(Role::Client | Role::Operator) => Ok(()),
+            Some(r) => Err(format!(
+                "a {r} certificate is not permitted on the client protocol"
+            )),
+        },
+    }
 }
 
 async fn connection(
@@ -190,6 +232,17 @@ async fn handle(
             })
         }),
         Request::Who => logged_in(node, session).map(|_| Response::Presence(node.presence().who())),
+        Request::Pending => logged_in(node, session).map(|_| Response::Pending(Vec::new())),
+        Request::EdgePost { posts } => edge_post(node, session, posts).await,
+        Request::EdgeHeartbeat { subject, status } => edge_session(node, session).map(|edge| {
+            node.presence()
+                .heartbeat_via(&subject, &edge.subject, &status);
+            Response::HeartbeatAck {
+                interval_ms: node.presence().interval().as_millis() as u64,
+            }
+        }),
+        Request::Changes { from, wait_ms } => changes(node, session, from, wait_ms).await,
+        Request::EdgeAudit { records } => edge_audit(node, session, records).await,
         // Served on their own streams.
         Request::Subscribe { .. } | Request::SubscribePresence => Err(ErrorFrame::new(
             ErrorCode::Internal,
@@ -316,6 +369,24 @@ async fn post(
     idempotency_key: String,
 ) -> Result<Response, ErrorFrame> {
     let who = logged_in(node, session)?;
+    store_post(node, &who.subject, channel, body, idempotency_key)
+        .await
+        .map(|(origin, seq, duplicate)| Response::Posted {
+            origin,
+            seq,
+            duplicate,
+            pending: false,
+        })
+}
+
+/// Stores one post for `sender`: (origin, seq, duplicate).
+async fn store_post(
+    node: &Node,
+    sender: &str,
+    channel: &str,
+    body: Vec<u8>,
+    idempotency_key: String,
+) -> Result<(String, u64, bool), ErrorFrame> {
     if idempotency_key.is_empty() || idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
         return Err(ErrorFrame::new(
             ErrorCode::Malformed,
@@ -327,7 +398,7 @@ async fn post(
         let applied = node
             .write(Command::ChannelPost {
                 channel: channel.to_owned(),
-                sender: who.subject,
+                sender: sender.to_owned(),
                 ts_ms,
                 body,
                 idem: idempotency_key,
@@ -337,25 +408,108 @@ async fn post(
         if applied.changed {
             node.metrics().messages_posted.inc();
         }
-        return Ok(Response::Posted {
-            origin: store::RAFT_ORIGIN.to_owned(),
-            seq: applied.revision,
-            duplicate: !applied.changed,
-        });
+        return Ok((
+            store::RAFT_ORIGIN.to_owned(),
+            applied.revision,
+            !applied.changed,
+        ));
     }
     let (m, duplicate) = node
         .messages()
-        .post(channel, &who.subject, body, &idempotency_key)
+        .post(channel, sender, body, &idempotency_key)
         .await
         .map_err(internal)?;
     if !duplicate {
         node.metrics().messages_posted.inc();
     }
-    Ok(Response::Posted {
-        origin: m.origin,
-        seq: m.seq,
-        duplicate,
-    })
+    Ok((m.origin, m.seq, duplicate))
+}
+
+/// The session of an edge (or core) on the edge link.
+fn edge_session(node: &Node, session: &Mutex<Option<Session>>) -> Result<Session, ErrorFrame> {
+    let s = logged_in(node, session)?;
+    if s.role == "edge" || s.role == "core" {
+        Ok(s)
+    } else {
+        Err(ErrorFrame::new(
+            ErrorCode::Forbidden,
+            "edge-link requests need an edge certificate",
+        ))
+    }
+}
+
+/// `EdgePost`: the posts in order. Anti-entropy posts are all handed to the
+/// message store before any is awaited, so they commit together, in order.
+async fn edge_post(
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+    posts: Vec<lanmesh_shared::proto::EdgePostItem>,
+) -> Result<Response, ErrorFrame> {
+    edge_session(node, session)?;
+    let results = futures::future::join_all(posts.into_iter().map(|p| async move {
+        match store_post(node, &p.sender, &p.channel, p.body, p.idempotency_key).await {
+            Ok((origin, seq, duplicate)) => PostResult::Posted {
+                origin,
+                seq,
+                duplicate,
+            },
+            Err(e) => PostResult::Error(e),
+        }
+    }))
+    .await;
+    Ok(Response::PostedBatch(results))
+}
+
+/// `Changes`: the registry changes an edge lacks, waiting up to `wait_ms`
+/// for one when it is up to date.
+async fn changes(
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+    from: u64,
+    wait_ms: u64,
+) -> Result<Response, ErrorFrame> {
+    edge_session(node, session)?;
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms.min(30_000));
+    use openraft::async_runtime::WatchReceiver;
+    let mut metrics = node.raft().metrics();
+    loop {
+        let applied = node.applied_index();
+        if applied > from || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, metrics.changed())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let key = signing_key(node)?;
+    let public = token::public_key(&key).map_err(internal)?;
+    let (set, _) = node
+        .query_applied(|c, applied| store::change_set(c, from, applied, public))
+        .map_err(internal)?;
+    Ok(Response::Changes(set))
+}
+
+/// `EdgeAudit`: an edge's own chain, collected by the leader.
+async fn edge_audit(
+    node: &Node,
+    session: &Mutex<Option<Session>>,
+    records: Vec<lanmesh_shared::proto::AuditRecord>,
+) -> Result<Response, ErrorFrame> {
+    let s = edge_session(node, session)?;
+    if records.iter().any(|r| r.origin != s.subject) {
+        return Err(ErrorFrame::new(
+            ErrorCode::Forbidden,
+            "an edge ships only its own audit chain",
+        ));
+    }
+    match node.collect_audit_anywhere(&s.subject, records).await {
+        Ok(upto) => Ok(Response::AuditUpto(upto)),
+        Err(e) => Err(write_error(e)),
+    }
 }
 
 /// Most pushed messages queued before a flush.

@@ -96,6 +96,9 @@ pub struct RaftSection {
     pub keep_logs: u64,
     /// Time allowed for sending a whole snapshot to a follower, ms. Default 30000.
     pub snapshot_timeout_ms: u64,
+    /// Revisions of change history kept for edges' change feeds; an edge
+    /// further behind gets a full copy. Default 100000. Set alike on every core.
+    pub changes_retained: u64,
 }
 
 impl Default for RaftSection {
@@ -107,6 +110,7 @@ impl Default for RaftSection {
             snapshot_every: 20_000,
             keep_logs: 5_000,
             snapshot_timeout_ms: 30_000,
+            changes_retained: 100_000,
         }
     }
 }

@@ -110,8 +110,8 @@ pub enum AppRequest {
     Presence {
         /// The sending core.
         origin: String,
-        /// (subject, status) of its clients.
-        entries: Vec<(String, String)>,
+        /// (subject, node, status) of its clients and its edges' clients.
+        entries: Vec<crate::presence::Entry>,
     },
 }
 
@@ -1031,6 +1031,39 @@ impl Node {
             .map_err(NodeError::Invalid)
     }
 
+    /// Collects an edge's audit records on the leader (here or forwarded).
+    pub async fn collect_audit_anywhere(
+        &self,
+        origin: &str,
+        records: Vec<crate::audit::Record>,
+    ) -> Result<u64, NodeError> {
+        let reply = if self.is_leader() {
+            self.collect_audit(origin, &records)?
+        } else {
+            self.call_leader(
+                AppRequest::Audit {
+                    origin: origin.to_owned(),
+                    records,
+                },
+                self.forward_timeout(),
+            )
+            .await?
+        };
+        match reply {
+            AppReply::AuditUpto(n) => Ok(n),
+            AppReply::Error(e) => Err(NodeError::from_remote(e)),
+            other => Err(NodeError::Forward(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Runs `f` with the applied index, under the state lock.
+    pub fn query_applied<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection, u64) -> rusqlite::Result<T>,
+    ) -> Result<(T, u64), NodeError> {
+        Ok(self.sm.query_applied(f)?)
+    }
+
     fn is_leader(&self) -> bool {
         self.raft_metrics().current_leader.as_ref() == Some(&self.id)
     }
@@ -1360,15 +1393,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .map_err(bind_error("the Raft port", config.raft_addr))?;
     // The client port: TLS with optional client certificates (client or
     // operator role of this cluster), so apps may also log in otherwise.
-    let client_policy =
-        PeerPolicy::only(config.cluster_id.clone(), &[Role::Client, Role::Operator])
-            .with_revoked(revoked.clone())
-            .on_refusal(audited("client"));
+    let client_policy = PeerPolicy::only(
+        config.cluster_id.clone(),
+        &[Role::Client, Role::Operator, Role::Edge, Role::Core],
+    )
+    .with_revoked(revoked.clone())
+    .on_refusal(audited("client"));
+    // Which role may speak which of the two protocols is checked per link
+    // (client_port::admit): TLS verification cannot see the ALPN.
     let client_tls = tls::server_config(
         &material,
         client_policy,
         ClientAuth::Optional,
-        &[tls::ALPN_CLIENT],
+        &[tls::ALPN_CLIENT, tls::ALPN_EDGE],
     )?;
     let client_endpoint = link::server_endpoint(
         tls::quinn_server_config(client_tls, transport)?,
@@ -1404,6 +1441,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             .map_err(StartError::Storage)?,
     );
     sm.publish_to(messages.fanout());
+    sm.set_changes_retained(config.raft.changes_retained);
     let raft_config = config
         .raft_config()
         .validate()

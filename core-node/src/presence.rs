@@ -26,6 +26,8 @@ use crate::node::{AppRequest, Node};
 
 /// A presence change: the entry and whether it is online.
 pub type Change = (PresenceEntry, bool);
+/// (subject, node, status), as cores send their tables.
+pub type Entry = (String, String, String);
 
 /// One core's presence table.
 pub struct Presence {
@@ -46,10 +48,11 @@ impl std::fmt::Debug for Presence {
 
 #[derive(Default)]
 struct Inner {
-    /// subject -> (status, expiry), for clients of this node.
-    local: HashMap<String, (String, Instant)>,
-    /// origin core -> (expiry, its table).
-    remote: HashMap<String, (Instant, Vec<(String, String)>)>,
+    /// (subject, node) -> (status, expiry), for clients of this node (node =
+    /// this node) and of the edges connected to it (node = the edge).
+    local: HashMap<(String, String), (String, Instant)>,
+    /// origin core -> (expiry, its table of (subject, node, status)).
+    remote: HashMap<String, (Instant, Vec<Entry>)>,
     /// The merged view subscribers were last told about: (subject, node) -> status.
     view: BTreeMap<(String, String), String>,
 }
@@ -78,9 +81,16 @@ impl Presence {
 
     /// A heartbeat from a client of this node.
     pub fn heartbeat(&self, subject: &str, status: &str) {
+        let me = self.node_id.clone();
+        self.heartbeat_via(subject, &me, status);
+    }
+
+    /// A heartbeat from a client of `node` (this node, or an edge that
+    /// forwards its clients' heartbeats here).
+    pub fn heartbeat_via(&self, subject: &str, node: &str, status: &str) {
         let mut inner = self.lock();
         let old = inner.local.insert(
-            subject.to_owned(),
+            (subject.to_owned(), node.to_owned()),
             (status.to_owned(), Instant::now() + self.ttl),
         );
         if old.is_none_or(|(s, _)| s != status) {
@@ -90,7 +100,7 @@ impl Presence {
     }
 
     /// A table received from another core.
-    pub fn receive(&self, origin: &str, entries: Vec<(String, String)>) {
+    pub fn receive(&self, origin: &str, entries: Vec<Entry>) {
         if origin == self.node_id {
             return;
         }
@@ -102,13 +112,13 @@ impl Presence {
     }
 
     /// This node's own table, to send to the other cores.
-    pub fn local_entries(&self) -> Vec<(String, String)> {
+    pub fn local_entries(&self) -> Vec<Entry> {
         let now = Instant::now();
         self.lock()
             .local
             .iter()
             .filter(|(_, (_, exp))| *exp > now)
-            .map(|(s, (st, _))| (s.clone(), st.clone()))
+            .map(|((s, n), (st, _))| (s.clone(), n.clone(), st.clone()))
             .collect()
     }
 
@@ -149,12 +159,12 @@ impl Presence {
     /// Rebuilds the merged view and tells subscribers what changed.
     fn recompute(&self, inner: &mut Inner) {
         let mut view = BTreeMap::new();
-        for (subject, (status, _)) in &inner.local {
-            view.insert((subject.clone(), self.node_id.clone()), status.clone());
+        for (key, (status, _)) in &inner.local {
+            view.insert(key.clone(), status.clone());
         }
-        for (origin, (_, entries)) in &inner.remote {
-            for (subject, status) in entries {
-                view.insert((subject.clone(), origin.clone()), status.clone());
+        for (_, entries) in inner.remote.values() {
+            for (subject, node, status) in entries {
+                view.insert((subject.clone(), node.clone()), status.clone());
             }
         }
         let entry = |(subject, node): &(String, String), status: &String| PresenceEntry {
@@ -222,7 +232,7 @@ mod tests {
         let p = Presence::new("a", Duration::from_secs(3));
         let mut changes = p.subscribe();
         p.heartbeat("alice", "online");
-        p.receive("b", vec![("bob".into(), "away".into())]);
+        p.receive("b", vec![("bob".into(), "b".into(), "away".into())]);
         let names: Vec<_> = p.who().into_iter().map(|e| (e.subject, e.node)).collect();
         assert_eq!(
             names,

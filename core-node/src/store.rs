@@ -155,14 +155,104 @@ pub const CHANGES_RETAINED: u64 = 100_000;
 /// Trimming runs when the applied index crosses a multiple of this.
 pub const TRIM_EVERY: u64 = 4096;
 
-/// Drops change records more than [`CHANGES_RETAINED`] revisions old. It
-/// depends only on `applied`, so every replica trims the same way.
-pub fn trim_changes(tx: &Transaction<'_>, applied: u64) -> rusqlite::Result<()> {
-    if let Some(horizon) = applied.checked_sub(CHANGES_RETAINED) {
+/// Drops change records more than `retained` revisions old and remembers
+/// the horizon (changes at or below it may be gone). It depends only on
+/// `applied` and the configured retention (`raft.changes_retained`, the same
+/// on every core), so replicas trim alike.
+pub fn trim_changes(tx: &Transaction<'_>, applied: u64, retained: u64) -> rusqlite::Result<()> {
+    if let Some(horizon) = applied.checked_sub(retained) {
         tx.prepare_cached("DELETE FROM changes WHERE revision <= ?1")?
             .execute(params![horizon as i64])?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO sm_meta (key, value) VALUES ('changes_horizon', ?1)",
+        )?
+        .execute(params![horizon.to_string().into_bytes()])?;
     }
     Ok(())
+}
+
+/// Changes at or below this revision may have been trimmed.
+pub fn changes_horizon(conn: &Connection) -> rusqlite::Result<u64> {
+    let v: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM sm_meta WHERE key = 'changes_horizon'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(v.and_then(|b| String::from_utf8(b).ok()?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// A registry entry's data as an edge may cache it (no password hash).
+fn public_data(kind: &str, data: String) -> String {
+    if kind != Registry::Users.as_str() {
+        return data;
+    }
+    match serde_json::from_str::<serde_json::Value>(&data) {
+        Ok(mut v) => {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("password_hash");
+            }
+            v.to_string()
+        }
+        Err(_) => "{}".into(),
+    }
+}
+
+/// What an edge at revision `from` needs to reach `applied`: the changed
+/// registry entries and revocations, or everything when `from` is 0 or older
+/// than the retained change history.
+pub fn change_set(
+    conn: &Connection,
+    from: u64,
+    applied: u64,
+    token_public_key: Vec<u8>,
+) -> rusqlite::Result<lanmesh_shared::proto::ChangeSet> {
+    let full = from == 0 || from < changes_horizon(conn)?;
+    let mut entries = Vec::new();
+    let revoked: Vec<String> = if full {
+        let mut stmt =
+            conn.prepare_cached("SELECT kind, name, data FROM registry ORDER BY kind, name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (kind, name, data) = row?;
+            let data = public_data(&kind, data);
+            entries.push((kind, name, Some(data)));
+        }
+        self::revoked(conn)?
+    } else {
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT c.kind, c.key, r.data FROM changes c
+             LEFT JOIN registry r ON r.kind = c.kind AND r.name = c.key
+             WHERE c.revision > ?1 AND c.kind IN ('channels', 'devices', 'users', 'edges')",
+        )?;
+        let rows = stmt.query_map(params![from as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (kind, name, data) = row?;
+            let data = data.map(|d| public_data(&kind, d));
+            entries.push((kind, name, data));
+        }
+        let mut stmt = conn.prepare_cached("SELECT serial FROM revoked WHERE revision > ?1")?;
+        stmt.query_map(params![from as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    Ok(lanmesh_shared::proto::ChangeSet {
+        revision: applied,
+        full,
+        entries,
+        revoked,
+        token_public_key,
+    })
 }
 
 /// Creates the state-machine tables if missing.
@@ -583,7 +673,7 @@ mod tests {
             );
         }
         let tx = c.transaction().unwrap();
-        trim_changes(&tx, CHANGES_RETAINED + 5).unwrap();
+        trim_changes(&tx, CHANGES_RETAINED + 5, CHANGES_RETAINED).unwrap();
         tx.commit().unwrap();
         let left: Vec<i64> = c
             .prepare("SELECT revision FROM changes ORDER BY revision")
@@ -676,5 +766,57 @@ mod tests {
             b"two"
         );
         assert!(channel_history(&c, "other", 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn change_sets_are_incremental_until_trimmed_then_full() {
+        let mut c = db();
+        let put = |name: &str, data: &str| Command::RegistryPut {
+            registry: Registry::Users,
+            name: name.into(),
+            data: data.into(),
+        };
+        run(
+            &mut c,
+            1,
+            put("alice", r#"{"password_hash":"x","roles":["user"]}"#),
+        );
+        run(&mut c, 2, put("bob", "{}"));
+        run(
+            &mut c,
+            3,
+            Command::RegistryDelete {
+                registry: Registry::Users,
+                name: "bob".into(),
+            },
+        );
+        run(
+            &mut c,
+            4,
+            Command::Revoke {
+                serial: "0a".into(),
+            },
+        );
+        let all = change_set(&c, 0, 4, vec![1]).unwrap();
+        assert!(all.full);
+        assert_eq!(all.entries.len(), 1, "bob is gone");
+        assert!(
+            !all.entries[0]
+                .2
+                .as_deref()
+                .unwrap()
+                .contains("password_hash")
+        );
+        assert_eq!(all.revoked, vec!["0a".to_owned()]);
+        let since2 = change_set(&c, 2, 4, vec![1]).unwrap();
+        assert!(!since2.full);
+        assert_eq!(since2.entries, vec![("users".into(), "bob".into(), None)]);
+        assert_eq!(since2.revoked, vec!["0a".to_owned()]);
+        // After a trim, an edge older than the horizon gets everything.
+        let tx = c.transaction().unwrap();
+        trim_changes(&tx, 4, 1).unwrap();
+        tx.commit().unwrap();
+        assert!(change_set(&c, 2, 4, vec![1]).unwrap().full);
+        assert!(!change_set(&c, 3, 4, vec![1]).unwrap().full);
     }
 }

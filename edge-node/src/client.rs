@@ -260,11 +260,16 @@ pub async fn send(conn: &ConnArgs, channel: &str, text: &str, key: Option<String
             origin,
             seq,
             duplicate,
+            pending,
         }) => {
             if conn.json {
                 println!(
                     "{}",
-                    serde_json::json!({"origin": origin, "seq": seq, "duplicate": duplicate})
+                    serde_json::json!({"origin": origin, "seq": seq, "duplicate": duplicate, "pending": pending})
+                );
+            } else if pending {
+                println!(
+                    "queued on {origin} as #{seq}: its link upstream is down; delivered when it returns"
                 );
             } else if duplicate {
                 println!("already posted as {origin}#{seq} (same key)");

@@ -24,6 +24,9 @@ use crate::tls::peer_identity;
 pub const WELCOME: &[u8] = b"lanmesh-welcome/1";
 /// Application close code: the peer's identity is not the one that was expected.
 pub const CLOSE_UNEXPECTED_PEER: u32 = 0x4c01;
+/// Application close code: the server's admission check refused the peer
+/// (a certificate valid for the cluster, but not for this protocol).
+pub const CLOSE_NOT_PERMITTED: u32 = 0x4c02;
 /// How long a handshake plus welcome may take by default.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -166,7 +169,10 @@ impl LinkError {
                     };
                 }
             }
-            E::ApplicationClosed(close) if close.error_code == CLOSE_UNEXPECTED_PEER.into() => {
+            E::ApplicationClosed(close)
+                if close.error_code == CLOSE_UNEXPECTED_PEER.into()
+                    || close.error_code == CLOSE_NOT_PERMITTED.into() =>
+            {
                 return LinkError::RefusedByPeer {
                     addr,
                     reason: AlertReason::NotPermitted,
@@ -271,12 +277,47 @@ pub async fn connect(
 /// Accepts an incoming connection: completes the handshake (our verifier checks
 /// the client's certificate) and sends the welcome.
 pub async fn accept(incoming: quinn::Incoming, timeout: Duration) -> Result<Link, LinkError> {
+    accept_admitting(incoming, timeout, None).await
+}
+
+/// An admission check run after the TLS handshake and before the welcome:
+/// `Err(reason)` closes the connection with [`CLOSE_NOT_PERMITTED`], which
+/// the connecting side sees as `RefusedByPeer { reason: NotPermitted }`.
+/// Used where the decision needs more than the certificate (the ALPN).
+pub type Admit = std::sync::Arc<
+    dyn Fn(&quinn::Connection, Option<&Identity>) -> Result<(), String> + Send + Sync,
+>;
+
+/// The ALPN protocol a connection negotiated.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// [`accept`] with an admission check.
+pub async fn accept_admitting(
+    incoming: quinn::Incoming,
+    timeout: Duration,
+    admit: Option<&Admit>,
+) -> Result<Link, LinkError> {
     let addr = incoming.remote_address();
     let handshake = async {
         let conn = incoming
             .await
             .map_err(|e| LinkError::from_connection(addr, e))?;
         let peer = peer_identity(&conn);
+        if let Some(check) = admit
+            && let Err(reason) = check(&conn, peer.as_ref())
+        {
+            tracing::warn!(%addr, peer = ?peer.as_ref().map(|p| p.to_string()), %reason, "refused a link");
+            conn.close(CLOSE_NOT_PERMITTED.into(), reason.as_bytes());
+            return Err(LinkError::RefusedPeer {
+                addr,
+                reason: AlertReason::NotPermitted,
+            });
+        }
         let send = async {
             let mut s = conn.open_uni().await?;
             s.write_all(WELCOME).await?;
@@ -339,6 +380,20 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Link) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    accept_loop_admitting(endpoint, shutdown, what, None, on_link).await;
+}
+
+/// [`accept_loop`] with an admission check for every link.
+pub async fn accept_loop_admitting<F, Fut>(
+    endpoint: quinn::Endpoint,
+    shutdown: tokio_util::sync::CancellationToken,
+    what: &'static str,
+    admit: Option<Admit>,
+    on_link: F,
+) where
+    F: Fn(Link) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -348,8 +403,9 @@ pub async fn accept_loop<F, Fut>(
             },
         };
         let on_link = on_link.clone();
+        let admit = admit.clone();
         tokio::spawn(async move {
-            match accept(incoming, DEFAULT_HANDSHAKE_TIMEOUT).await {
+            match accept_admitting(incoming, DEFAULT_HANDSHAKE_TIMEOUT, admit.as_ref()).await {
                 Ok(link) => on_link(link).await,
                 Err(e) => tracing::warn!(error = %e, "refused a {what} connection"),
             }

@@ -91,6 +91,132 @@ pub enum Request {
     /// Presence changes: answered `Subscribed` on this stream, which then
     /// carries a `PresenceChanged` frame for each change.
     SubscribePresence,
+    /// Your queued posts (on an edge: posts in its outbox not yet accepted
+    /// upstream). Answered `Pending`.
+    Pending,
+
+    // ---- Edge link (ALPN `lanmesh-edge/1`, edge or core certificates only) ----
+    /// Posts accepted by an edge for its clients, in order. Answered
+    /// `PostedBatch` with one result per post, in the same order.
+    EdgePost {
+        /// The posts.
+        posts: Vec<EdgePostItem>,
+    },
+    /// A heartbeat of a client of the sending edge.
+    EdgeHeartbeat {
+        /// The client's subject.
+        subject: String,
+        /// Its status.
+        status: String,
+    },
+    /// Registry changes after revision `from` (0: everything), waiting up to
+    /// `wait_ms` when there are none yet. Answered `Changes`.
+    Changes {
+        /// The last revision the edge applied.
+        from: u64,
+        /// How long to wait for a change.
+        wait_ms: u64,
+    },
+    /// Audit records of the sending edge's own chain. Answered `AuditUpto`.
+    EdgeAudit {
+        /// Records, oldest first (an empty list asks how far the cluster has them).
+        records: Vec<AuditRecord>,
+    },
+}
+
+/// One post an edge forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgePostItem {
+    /// Channel.
+    pub channel: String,
+    /// The edge's logged-in client.
+    pub sender: String,
+    /// Body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// The result of one forwarded post.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PostResult {
+    /// Stored (or a retry of a stored post).
+    Posted {
+        /// Origin node.
+        origin: String,
+        /// Sequence there.
+        seq: u64,
+        /// A retry of an earlier post.
+        duplicate: bool,
+    },
+    /// Refused.
+    Error(ErrorFrame),
+}
+
+/// What an edge caches of the registries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSet {
+    /// The revision this brings the edge to.
+    pub revision: u64,
+    /// True: `entries` and `revoked` are everything (replace the cache);
+    /// false: they are the changes after the asked revision.
+    pub full: bool,
+    /// Registry entries: (registry, name, JSON data or `None` when deleted).
+    /// Users carry no password hash.
+    pub entries: Vec<(String, String, Option<String>)>,
+    /// Revoked certificate serials (added).
+    pub revoked: Vec<String>,
+    /// The cluster's token-checking public key (Ed25519).
+    #[serde(with = "serde_bytes")]
+    pub token_public_key: Vec<u8>,
+}
+
+/// One audit record: a node's (or edge's) chain link. See `core-node`'s
+/// audit module for the chain rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// The node that wrote it.
+    pub origin: String,
+    /// Its position in that node's chain, from 1.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub ts_ms: i64,
+    /// What happened.
+    pub kind: String,
+    /// Who did it.
+    pub actor: String,
+    /// Free-form detail.
+    pub detail: String,
+    /// Hash of the previous record (hex SHA-256).
+    pub prev_hash: String,
+    /// This record's hash (hex SHA-256).
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The hash this record should carry: SHA-256 over the length-prefixed
+    /// previous hash, origin, seq, time, kind, actor and detail.
+    pub fn compute_hash(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for field in [
+            self.prev_hash.as_bytes(),
+            self.origin.as_bytes(),
+            &self.seq.to_be_bytes(),
+            &self.ts_ms.to_be_bytes(),
+            self.kind.as_bytes(),
+            self.actor.as_bytes(),
+            self.detail.as_bytes(),
+        ] {
+            ctx.update(&(field.len() as u64).to_be_bytes());
+            ctx.update(field);
+        }
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// One subject present at one node.
@@ -162,6 +288,11 @@ pub enum Response {
         seq: u64,
         /// True when this was a retry of an earlier post.
         duplicate: bool,
+        /// True when an edge queued it in its outbox (its link upstream is
+        /// down): `origin`/`seq` are then the edge's queue position, and the
+        /// message gets its cluster id once delivered.
+        #[serde(default)]
+        pending: bool,
     },
     /// A page of history.
     Messages(Vec<Message>),
@@ -183,6 +314,14 @@ pub enum Response {
         /// True when it appeared (or changed status), false when it expired.
         online: bool,
     },
+    /// Answer to `Pending`: the caller's queued posts, oldest first.
+    Pending(Vec<Message>),
+    /// Answer to `EdgePost`.
+    PostedBatch(Vec<PostResult>),
+    /// Answer to `Changes`.
+    Changes(ChangeSet),
+    /// Answer to `EdgeAudit`: how far the cluster holds the sender's chain.
+    AuditUpto(u64),
     /// The request failed.
     Error(ErrorFrame),
 }

@@ -343,6 +343,7 @@ async fn post_subscribe_history_on_one_node() {
         origin,
         seq,
         duplicate,
+        ..
     } = first
     else {
         panic!("{first:?}")
@@ -354,7 +355,8 @@ async fn post_subscribe_history_on_one_node() {
         Response::Posted {
             origin: "node-1".into(),
             seq,
-            duplicate: true
+            duplicate: true,
+            pending: false,
         }
     );
     poster.request(&post("k-2", "second")).await.unwrap();

@@ -63,6 +63,8 @@ struct Shared {
     /// Channel name -> replication, loaded on demand; `None` after any
     /// channel change (or snapshot install) until the next lookup.
     channels: Mutex<Option<std::collections::HashMap<String, String>>>,
+    /// How many revisions of change history to keep (`raft.changes_retained`).
+    changes_retained: std::sync::atomic::AtomicU64,
     /// Where messages of Raft-replicated channels go once applied.
     publish:
         std::sync::OnceLock<tokio::sync::broadcast::Sender<Arc<lanmesh_shared::proto::Message>>>,
@@ -166,6 +168,7 @@ impl StateMachine {
                 revoked,
                 publish: std::sync::OnceLock::new(),
                 channels: Mutex::new(None),
+                changes_retained: std::sync::atomic::AtomicU64::new(store::CHANGES_RETAINED),
             }),
         })
     }
@@ -211,6 +214,25 @@ impl StateMachine {
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Sets how many revisions of change history to keep.
+    pub fn set_changes_retained(&self, n: u64) {
+        self.shared
+            .changes_retained
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `f` and reads the applied log index under the same lock, so the
+    /// result is exactly the state at that index.
+    pub fn query_applied<T>(
+        &self,
+        f: impl FnOnce(&Connection, u64) -> rusqlite::Result<T>,
+    ) -> io::Result<(T, u64)> {
+        let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = applied_state(&conn)?.0.map(|l| l.index).unwrap_or(0);
+        let v = f(&conn, applied).map_err(io::Error::other)?;
+        Ok((v, applied))
     }
 
     /// Whether a certificate serial was revoked through the cluster.
@@ -442,8 +464,12 @@ impl Shared {
         if let Some(l) = last {
             meta_put(&tx, "last_applied", &encode(l)?).map_err(io::Error::other)?;
             let first = batch.first().map(|(f, _, _)| f.index).unwrap_or(l.index);
-            if first / store::TRIM_EVERY != l.index / store::TRIM_EVERY {
-                store::trim_changes(&tx, l.index).map_err(io::Error::other)?;
+            let retained = self
+                .changes_retained
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let every = store::TRIM_EVERY.min(retained.max(1));
+            if first / every != l.index / every || batch.len() as u64 >= every {
+                store::trim_changes(&tx, l.index, retained).map_err(io::Error::other)?;
             }
         }
         if let Some(m) = &membership {
