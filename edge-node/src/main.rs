@@ -6,6 +6,11 @@
 //! with issue #6.
 
 mod client;
+mod config;
+mod edge;
+mod run;
+mod server;
+mod store;
 
 use std::process::ExitCode;
 
@@ -25,6 +30,19 @@ Every command takes --server HOST:PORT (a core's client port, default
 127.0.0.1:10002) and --ca FILE (default: the single-node default's
 lanmesh-data/node-1/tls/ca.crt). With --cert/--key (a `pki issue client`
 certificate) no password or token is needed.";
+
+const NEEDS: &str = "\
+edge-node: the lanmesh site binary.
+
+To run an edge it needs the cluster CA, its own edge certificate, and where
+the cores are:
+  pki issue edge --name edge-1 --ca-dir CA_DIR --out certs/edge-1
+  edge-node run --node-id edge-1 --cluster-id CLUSTER \\
+      --ca certs/edge-1/ca.crt --cert certs/edge-1/edge-1.crt --key certs/edge-1/edge-1.key \\
+      --upstream CORE1:10002,CORE2:10002      # or none: cores found by mDNS
+
+As a client (against a core or an edge): edge-node login / send / tail / who.
+See `edge-node --help` and README.md.";
 
 /// The lanmesh site binary: a client for people and scripts (the edge proxy
 /// follows with issue #6).
@@ -72,11 +90,48 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Run the edge proxy (not in this build: issue #6).
-    Run,
+    /// Run the edge: serve the site's clients, keep the link upstream, queue
+    /// posts while it is down.
+    Run(config::RunArgs),
+    /// Show an edge's link, registry revision, outbox depth and last sync.
+    Status {
+        /// The edge's HTTP address.
+        #[arg(long, env = "LANMESH_HTTP", default_value = "http://127.0.0.1:10100")]
+        http: String,
+        /// Print raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn wait_for_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().len() == 1 {
+        eprintln!("{NEEDS}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -104,13 +159,19 @@ fn main() -> ExitCode {
                 conn,
             } => client::tail(&conn, &channel, &tail).await,
             Command::Who { conn } => client::who(&conn).await,
-            Command::Run => {
-                eprintln!(
-                    "edge-node: the edge proxy is not available yet in this build (issue #6).\n\
-                     The client commands work: see `edge-node --help`."
-                );
-                return Ok(ExitCode::from(2));
+            Command::Run(args) => {
+                let config = config::Config::load(&args)?;
+                init_logging();
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("stopping (signal received)");
+                    stop.cancel();
+                });
+                run::run(config, shutdown).await
             }
+            Command::Status { http, json } => run::print_status(&http, json).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });

@@ -26,7 +26,7 @@ fn edge(args: &[&str]) -> (Option<i32>, String, String) {
 fn help_lists_the_client_commands() {
     let (code, out, _) = edge(&["--help"]);
     assert_eq!(code, Some(0));
-    for sub in ["login", "send", "tail", "who", "run"] {
+    for sub in ["login", "send", "tail", "who", "run", "status"] {
         assert!(out.contains(sub), "help lacks {sub}:\n{out}");
     }
     assert!(out.contains("edge-node login --user alice"), "{out}");
@@ -55,7 +55,13 @@ fn usage_and_setup_errors_are_clear() {
         err.contains("/nonexistent/ca.crt") && err.contains("--ca"),
         "{err}"
     );
-    let (code, _, err) = edge(&["run"]);
+    let (code, _, err) = edge(&[]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("issue #6"), "{err}");
+    assert!(
+        err.contains("pki issue edge") && err.contains("--upstream"),
+        "{err}"
+    );
+    let (code, _, err) = edge(&["run"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--ca, --cert and --key"), "{err}");
 }
