@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::store::EdgeStore;
 
+/// A link upstream with no traffic (keep-alives included) for this long is dead.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The live link upstream.
 #[derive(Debug, Clone)]
 pub struct Up {
@@ -109,8 +112,14 @@ impl Edge {
     ) -> Result<Self> {
         let policy = PeerPolicy::only(config.cluster_id.clone(), &[Role::Core, Role::Edge]);
         let tls = tls::client_config(material, policy, &[tls::ALPN_EDGE])?;
+        // A dead upstream is noticed within the idle timeout: keep it short
+        // so the edge moves on within seconds.
+        let transport = Transport {
+            idle_timeout: UPSTREAM_IDLE_TIMEOUT,
+            keep_alive: UPSTREAM_IDLE_TIMEOUT / 4,
+        };
         let out = link::client_endpoint(
-            tls::quinn_client_config(tls, Transport::default())?,
+            tls::quinn_client_config(tls, transport)?,
             SocketAddr::from(([0, 0, 0, 0], 0)),
         )
         .context("opening the upstream UDP socket")?;

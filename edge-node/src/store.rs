@@ -219,6 +219,7 @@ impl EdgeStore {
 
     /// Everything cached, as a full change set (what a relay serves downstream).
     pub fn full_set(&self) -> io::Result<ChangeSet> {
+        let token_public_key = self.token_public_key().unwrap_or_default();
         let conn = self.cache();
         let mut stmt = conn
             .prepare_cached("SELECT kind, name, data FROM registry ORDER BY kind, name")
@@ -241,7 +242,7 @@ impl EdgeStore {
             full: true,
             entries,
             revoked,
-            token_public_key: self.token_public_key().unwrap_or_default(),
+            token_public_key,
         })
     }
 

@@ -12,7 +12,7 @@ use lanmesh_shared::tls::{self, ALPN_CLIENT, PeerPolicy, TlsMaterial, Transport}
 
 use crate::cluster::{Pki, http, wait_for};
 
-/// A client endpoint trusting `pki`'s CA, with `who`'s certificate (issued
+/// A client endpoint (to a core or an edge) trusting `pki`'s CA, with `who`'s certificate (issued
 /// into the PKI directory) or none.
 pub fn endpoint(pki: &Pki, cluster: &str, who: Option<&str>, addr: SocketAddr) -> quinn::Endpoint {
     let ca = pki.ca.cert_pem().as_bytes().to_vec();
@@ -26,7 +26,7 @@ pub fn endpoint(pki: &Pki, cluster: &str, who: Option<&str>, addr: SocketAddr) -
     };
     let tls = tls::client_config(
         &material,
-        PeerPolicy::only(cluster, &[Role::Core]),
+        PeerPolicy::only(cluster, &[Role::Core, Role::Edge]),
         &[ALPN_CLIENT],
     )
     .expect("client TLS");

@@ -152,6 +152,7 @@ pub struct NodeProc {
     cwd: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    program: &'static str,
 }
 
 impl NodeProc {
@@ -169,7 +170,15 @@ impl NodeProc {
             cwd: cwd.to_owned(),
             log: cwd.join(format!("{name}.log")),
             child: None,
+            program: "core-node",
         }
+    }
+
+    /// Describes an `edge-node run` process (`api` is then its HTTP status URL).
+    pub fn edge(name: &str, data_dir: &Path, cwd: &Path, args: Vec<String>) -> Self {
+        let mut node = NodeProc::new(name, data_dir, cwd, args);
+        node.program = "edge-node";
+        node
     }
 
     /// Adds an environment variable for the process.
@@ -197,10 +206,10 @@ impl NodeProc {
             // `ip netns exec` execs the program, so the child's pid is the node's.
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("core-node"));
+                c.args(["netns", "exec", ns]).arg(bin(self.program));
                 c
             }
-            None => Command::new(bin("core-node")),
+            None => Command::new(bin(self.program)),
         };
         cmd.args(&self.args)
             .current_dir(&self.cwd)
@@ -216,7 +225,7 @@ impl NodeProc {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("spawn core-node"));
+        self.child = Some(cmd.spawn().expect("spawn node"));
         let name = self.name.clone();
         let doc: Value = wait_for(&format!("{name} to start"), Duration::from_secs(30), || {
             let exited = self
@@ -235,7 +244,11 @@ impl NodeProc {
             async move { doc }
         })
         .await;
-        self.api = doc["api_url"].as_str().expect("api_url").to_owned();
+        self.api = doc["api_url"]
+            .as_str()
+            .or(doc["http_url"].as_str())
+            .expect("api_url or http_url")
+            .to_owned();
         self.raft = doc["raft_addr"].as_str().and_then(|a| a.parse().ok());
         self.client = doc["client_addr"].as_str().and_then(|a| a.parse().ok());
     }
@@ -275,10 +288,18 @@ impl NodeProc {
     /// Restarts on the same addresses (its data is kept).
     pub async fn restart(&mut self) {
         self.kill9();
+        if self.program == "edge-node" {
+            self.start().await;
+            return;
+        }
         let api = self.api.trim_start_matches("http://").to_owned();
         let raft = self.raft.map(|r| r.to_string()).unwrap_or_default();
         set_arg(&mut self.args, "--api-addr", &api);
         set_arg(&mut self.args, "--raft-addr", &raft);
+        // Clients and edges that knew the old client port find it again.
+        if let Some(client) = self.client {
+            set_arg(&mut self.args, "--client-addr", &client.to_string());
+        }
         self.start().await;
     }
 

@@ -468,7 +468,9 @@ impl Shared {
                 .changes_retained
                 .load(std::sync::atomic::Ordering::Relaxed);
             let every = store::TRIM_EVERY.min(retained.max(1));
-            if first / every != l.index / every || batch.len() as u64 >= every {
+            // Trim when this batch crosses a multiple of `every` (the first
+            // entry of a batch is one past the previous applied index).
+            if first.saturating_sub(1) / every != l.index / every {
                 store::trim_changes(&tx, l.index, retained).map_err(io::Error::other)?;
             }
         }
