@@ -303,6 +303,25 @@ async fn edge_serves_clients_and_works_offline() {
         panic!()
     };
     assert!(p.is_empty());
+
+    // The edge's own audit chain reached the leader; `edge-node status` reads.
+    let api = cluster.nodes[1].api.clone();
+    wait_for("the edge's login record at the leader", Duration::from_secs(20), || async {
+        let v = get_json(&api, "/v1/audit?origin=edge-1&kind=login").await?;
+        (!v["records"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let out = lanmesh_tests::run(
+        &lanmesh_tests::bin("edge-node"),
+        cluster.dir(),
+        &["status", "--http", &edge.api],
+    )
+    .ok();
+    assert!(
+        out.stdout.contains("upstream    node-1") && out.stdout.contains("outbox      0"),
+        "{}",
+        out.stdout
+    );
 }
 
 /// `kill -9` of an edge with a non-empty outbox: after a restart every
