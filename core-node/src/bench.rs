@@ -42,6 +42,10 @@ pub enum Workload {
     /// Messaging: `--clients` publishers and `--subscribers` subscribers
     /// on one core's client port (lanmesh with --spawn only).
     Messages,
+    /// Messaging through an edge (spawned beside the cores), compared with
+    /// the same load straight at node-1; `--convergence N` times the drain of
+    /// N posts queued while the edge was cut off.
+    Edge,
 }
 
 /// `core-node bench` flags.
@@ -215,6 +219,8 @@ fn spawn_lanmesh(n: usize) -> Result<Spawned> {
     let ca = Ca::generate("bench", 30, KeyType::EcdsaP256)?;
     ca.write(&tls, false)?;
     let ports = port_pairs(n)?;
+    // Client ports are fixed too, so a restarted node is found again.
+    let client_ports = free_ports(n)?;
     let mut nodes = Vec::new();
     for (i, (api, raft)) in ports.iter().enumerate() {
         let name = format!("node-{}", i + 1);
@@ -240,7 +246,7 @@ fn spawn_lanmesh(n: usize) -> Result<Spawned> {
             "--raft-addr".into(),
             format!("127.0.0.1:{raft}"),
             "--client-addr".into(),
-            "127.0.0.1:0".into(),
+            format!("127.0.0.1:{}", client_ports[i]),
             "--ca".into(),
             tls.join("ca.crt").to_string_lossy().into_owned(),
             "--cert".into(),
@@ -334,7 +340,7 @@ impl Driver {
         let key = format!("bench/{key:08}");
         match (self.system, workload) {
             // Messages never reach the HTTP driver (see msgbench).
-            (System::Lanmesh, Workload::Write | Workload::Messages) => {
+            (System::Lanmesh, Workload::Write | Workload::Messages | Workload::Edge) => {
                 (Method::PUT, format!("/v1/kv/{key}"), self.value.clone())
             }
             (System::Lanmesh, Workload::Read) => (Method::GET, format!("/v1/kv/{key}"), Vec::new()),
@@ -343,7 +349,7 @@ impl Driver {
                 format!("/v1/kv/{key}?consistency=local"),
                 Vec::new(),
             ),
-            (System::Etcd, Workload::Write | Workload::Messages) => (
+            (System::Etcd, Workload::Write | Workload::Messages | Workload::Edge) => (
                 Method::POST,
                 "/v3/kv/put".into(),
                 serde_json::json!({"key": b64(key.as_bytes()), "value": b64(&self.value)})
@@ -643,7 +649,7 @@ async fn run_inner(args: BenchArgs) -> Result<()> {
     };
     let duration = Duration::from_secs(args.duration);
     for workload in &args.workload {
-        if *workload == Workload::Messages {
+        if matches!(*workload, Workload::Messages | Workload::Edge) {
             let Some(s) = spawned.as_mut() else {
                 bail!(
                     "--workload messages needs --spawn N (the bench creates its user and channel)"
@@ -678,7 +684,11 @@ async fn run_inner(args: BenchArgs) -> Result<()> {
                     Ok(())
                 }
             };
-            crate::msgbench::run(&cluster, &settings, &driver.http, &mut control).await?;
+            if *workload == Workload::Edge {
+                crate::msgbench::run_edge(&cluster, &settings, &driver.http, &mut control).await?;
+            } else {
+                crate::msgbench::run(&cluster, &settings, &driver.http, &mut control).await?;
+            }
             continue;
         }
         if *workload != Workload::Write {

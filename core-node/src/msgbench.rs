@@ -73,7 +73,7 @@ impl Connector {
             .to_owned();
         let tls = tls::client_config(
             &material,
-            PeerPolicy::only(cluster, &[Role::Core]),
+            PeerPolicy::only(cluster, &[Role::Core, Role::Edge]),
             &[ALPN_CLIENT],
         )?;
         let endpoint =
@@ -130,6 +130,7 @@ async fn setup(http: &HttpClient, api: &str) -> Result<()> {
 
 /// One run: P publishers and M subscribers against `addr`, one subscriber on `other`.
 async fn run_once(
+    label: &str,
     conn: &Arc<Connector>,
     addr: SocketAddr,
     other: Option<SocketAddr>,
@@ -177,7 +178,9 @@ async fn run_once(
     let deadline = Instant::now() + s.duration;
     let started = Instant::now();
     let mut pubs = Vec::new();
+    let label_owned = label.to_owned();
     for p in 0..publishers {
+        let label = label_owned.clone();
         let c = conn.client(addr).await?;
         let posted = posted.clone();
         let body_size = s.body_size.max(8);
@@ -193,7 +196,7 @@ async fn run_once(
                 let req = Request::Post {
                     channel: "bench".into(),
                     body,
-                    idempotency_key: format!("r{publishers}-p{p}-{n}"),
+                    idempotency_key: format!("{label}-r{publishers}-p{p}-{n}"),
                 };
                 match c.request(&req).await {
                     Ok(Response::Posted { .. }) => {
@@ -230,7 +233,7 @@ async fn run_once(
     cross.sort_unstable();
     let ok = posted.load(Ordering::Relaxed);
     println!(
-        "lanmesh  messages   publishers {publishers:>4} subscribers {:>3}  {:>9.0} msgs/s  post p50 {:>6.2} ms p99 {:>6.2} ms  delivery p50 {:>6.2} ms p99 {:>6.2} ms  other-core delivery p50 {:>6.2} ms p99 {:>6.2} ms  errors {errors}",
+        "lanmesh  {label:<10} publishers {publishers:>4} subscribers {:>3}  {:>9.0} msgs/s  post p50 {:>6.2} ms p99 {:>6.2} ms  delivery p50 {:>6.2} ms p99 {:>6.2} ms  other-node delivery p50 {:>6.2} ms p99 {:>6.2} ms  errors {errors}",
         s.subscribers,
         ok as f64 / elapsed.as_secs_f64(),
         pct(&post_lat, 0.5),
@@ -277,7 +280,7 @@ pub async fn run(
     };
     let conn = Arc::new(Connector::new(cluster.tls_dir, addr).await?);
     for &p in &settings.publishers {
-        run_once(&conn, addr, other, p, settings).await?;
+        run_once("messages", &conn, addr, other, p, settings).await?;
     }
     if settings.convergence == 0 {
         return Ok(());
@@ -339,4 +342,203 @@ pub async fn run(
         posted as f64 / (took - ready).as_secs_f64().max(0.001)
     );
     Ok(())
+}
+
+/// An edge process started by the bench; killed when dropped.
+struct EdgeProc(std::process::Child);
+
+impl Drop for EdgeProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn edge_status(http: &HttpClient, url: &str) -> Option<serde_json::Value> {
+    let (s, body) = http
+        .request(Method::GET, url, "/v1/status", Vec::new())
+        .await
+        .ok()?;
+    if !s.is_success() {
+        return None;
+    }
+    serde_json::from_slice(&body).ok()
+}
+
+async fn wait_edge(
+    http: &HttpClient,
+    url: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(v) = edge_status(http, url).await
+            && ok(&v)
+        {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("the edge never got to: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--workload edge`: the same publishers and subscribers through an edge
+/// (its only upstream is node-1; one subscriber on node-1 measures
+/// edge-to-core delivery), the same runs straight at node-1 for comparison,
+/// and with `--convergence N` the outbox: node-1 is killed, N posts are
+/// queued at the edge, node-1 returns, and the drain is timed.
+pub async fn run_edge(
+    cluster: &Cluster<'_>,
+    settings: &Settings,
+    http: &HttpClient,
+    node: &mut dyn FnMut(usize, bool) -> Result<()>,
+) -> Result<()> {
+    use lanmesh_shared::pki::{Ca, LeafRequest};
+    setup(http, &cluster.nodes[0].1).await?;
+    let core = client_addr(&cluster.nodes[0].2)?;
+    let ca = Ca::load(cluster.tls_dir)?;
+    let mut req = LeafRequest::new(&ca, Role::Edge, "edge-1", 30)?;
+    req.ips = vec!["127.0.0.1".parse()?];
+    ca.issue(&req)?.write(cluster.tls_dir, "edge-1", true)?;
+    let dir = cluster
+        .nodes
+        .first()
+        .and_then(|n| n.2.parent())
+        .context("no data directory")?
+        .join("edge-1");
+    let program = std::env::current_exe()?
+        .parent()
+        .context("no binary directory")?
+        .join("edge-node");
+    let log = std::fs::File::create(dir.with_extension("log"))?;
+    let cluster_id = material_cluster(cluster.tls_dir)?;
+    let tls = |f: &str| cluster.tls_dir.join(f).to_string_lossy().into_owned();
+    let child = std::process::Command::new(&program)
+        .args([
+            "run",
+            "--node-id",
+            "edge-1",
+            "--cluster-id",
+            &cluster_id,
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--client-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--upstream",
+            &core.to_string(),
+            "--ca",
+            &tls("ca.crt"),
+            "--cert",
+            &tls("edge-1.crt"),
+            "--key",
+            &tls("edge-1.key"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let _edge = EdgeProc(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let doc: serde_json::Value = loop {
+        if let Ok(b) = std::fs::read(dir.join("node.json"))
+            && let Ok(v) = serde_json::from_slice(&b)
+        {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the edge did not start (log: {})",
+                dir.with_extension("log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let url = doc["http_url"].as_str().context("no http_url")?.to_owned();
+    let edge_addr: SocketAddr = doc["client_addr"]
+        .as_str()
+        .context("no client_addr")?
+        .parse()?;
+    wait_edge(http, &url, "linked and synced", |v| {
+        v["upstream"]["connected"] == true && v["revision"].as_u64().unwrap_or(0) > 0
+    })
+    .await?;
+    println!("# edge-1 up, linked to node-1");
+    let conn = Arc::new(Connector::new(cluster.tls_dir, edge_addr).await?);
+    for &p in &settings.publishers {
+        run_once("direct", &conn, core, None, p, settings).await?;
+        run_once("via-edge", &conn, edge_addr, Some(core), p, settings).await?;
+    }
+    if settings.convergence == 0 {
+        return Ok(());
+    }
+    node(0, false)?;
+    wait_edge(http, &url, "link down", |v| {
+        v["upstream"]["connected"] == false
+    })
+    .await?;
+    let c = conn.client(edge_addr).await?;
+    let n = settings.convergence;
+    let filled = Instant::now();
+    let workers: Vec<_> = (0..64)
+        .map(|w| {
+            let c = c.clone();
+            let size = settings.body_size;
+            tokio::spawn(async move {
+                let mut ok = 0usize;
+                for i in (w..n).step_by(64) {
+                    let req = Request::Post {
+                        channel: "bench".into(),
+                        body: vec![b'q'; size],
+                        idempotency_key: format!("outbox-{i}"),
+                    };
+                    if matches!(
+                        c.request(&req).await,
+                        Ok(Response::Posted { pending: true, .. })
+                    ) {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut queued = 0;
+    for w in workers {
+        queued += w.await?;
+    }
+    let fill = filled.elapsed();
+    println!(
+        "# queued {queued} posts at the edge while offline in {:.1} s ({:.0} posts/s, each fsynced)",
+        fill.as_secs_f64(),
+        queued as f64 / fill.as_secs_f64()
+    );
+    node(0, true)?;
+    wait_edge(http, &url, "link back", |v| {
+        v["upstream"]["connected"] == true
+    })
+    .await?;
+    let drain = Instant::now();
+    wait_edge(http, &url, "empty outbox", |v| v["outbox_depth"] == 0).await?;
+    let took = drain.elapsed();
+    println!(
+        "lanmesh  outbox     drained {queued} queued posts in {:.2} s after the link returned: {:.0} msgs/s",
+        took.as_secs_f64(),
+        queued as f64 / took.as_secs_f64().max(0.001)
+    );
+    Ok(())
+}
+
+fn material_cluster(tls_dir: &Path) -> Result<String> {
+    let material = TlsMaterial::load(&TlsFiles::new(tls_dir.join("ca.crt"), None, None))?;
+    Ok(material
+        .ca_cluster_id()
+        .context("not a lanmesh CA")?
+        .to_owned())
 }

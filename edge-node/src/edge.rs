@@ -85,6 +85,8 @@ pub struct Edge {
     pub stats: Stats,
     up: watch::Sender<Option<Up>>,
     out: quinn::Endpoint,
+    posts: tokio::sync::mpsc::UnboundedSender<Forward>,
+    posts_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Forward>>>,
     discovered: Option<watch::Receiver<lanmesh_shared::discovery::Peers>>,
 }
 
@@ -127,7 +129,10 @@ impl Edge {
             &config.node_id,
             Duration::from_millis(config.presence_ttl_ms),
         ));
+        let (posts, posts_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Edge {
+            posts,
+            posts_rx: std::sync::Mutex::new(Some(posts_rx)),
             config,
             store,
             presence,
@@ -207,19 +212,15 @@ impl Edge {
         r
     }
 
-    /// Forwards one post upstream; `None` when the link failed (queue it).
+    /// Forwards one post upstream (batched with whatever else is being
+    /// posted at the same moment); `None` when the link failed (queue it).
     pub async fn post_upstream(&self, item: EdgePostItem) -> Option<PostResult> {
-        let up = self.up()?;
-        match up
-            .client
-            .request(&Request::EdgePost { posts: vec![item] })
-            .await
-        {
-            Ok(Response::PostedBatch(mut r)) if r.len() == 1 => match r.pop() {
-                Some(PostResult::Error(e)) if e.code == ErrorCode::Unavailable => None,
-                other => other,
-            },
-            _ => None,
+        self.up()?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.posts.send((item, reply)).ok()?;
+        match rx.await.ok()? {
+            Some(PostResult::Error(e)) if e.code == ErrorCode::Unavailable => None,
+            other => other,
         }
     }
 
@@ -245,6 +246,67 @@ pub fn passed_on(e: &ClientError) -> ErrorFrame {
     match e {
         ClientError::Server(f) => f.clone(),
         other => ErrorFrame::new(ErrorCode::Unavailable, format!("upstream: {other}")),
+    }
+}
+
+/// A post waiting to go upstream, and where its result goes.
+type Forward = (
+    EdgePostItem,
+    tokio::sync::oneshot::Sender<Option<PostResult>>,
+);
+
+/// Most posts in one forwarded batch, and batches in flight at once.
+const FORWARD_BATCH: usize = 512;
+const FORWARD_IN_FLIGHT: usize = 4;
+
+/// Sends live posts upstream in batches: each batch takes every post that
+/// arrived while the previous ones were in flight.
+pub async fn run_forwarder(edge: Arc<Edge>, shutdown: CancellationToken) {
+    let Some(mut rx) = edge
+        .posts_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_IN_FLIGHT));
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < FORWARD_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let up = edge.up();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let n = items.len();
+            let results = match up {
+                Some(up) => match up.client.request(&Request::EdgePost { posts: items }).await {
+                    Ok(Response::PostedBatch(r)) if r.len() == n => {
+                        r.into_iter().map(Some).collect()
+                    }
+                    _ => vec![None; n],
+                },
+                None => vec![None; n],
+            };
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+        });
     }
 }
 
@@ -494,11 +556,17 @@ async fn follow(edge: Arc<Edge>, up: Up, channel: String, stop: CancellationToke
         loop {
             match sub.next().await {
                 Ok(m) => {
-                    let pos = m.pos;
-                    let new = edge
-                        .store
-                        .cache_messages(std::slice::from_ref(&m))
-                        .unwrap_or(0);
+                    // Take whatever else has already arrived: one transaction
+                    // and one cursor update per burst.
+                    let mut batch = vec![m];
+                    while batch.len() < 1000 {
+                        match futures::FutureExt::now_or_never(sub.next()) {
+                            Some(Ok(m)) => batch.push(m),
+                            _ => break,
+                        }
+                    }
+                    let pos = batch.iter().map(|m| m.pos).max().unwrap_or(0);
+                    let new = edge.store.cache_messages(&batch).unwrap_or(0);
                     edge.stats.received.fetch_add(new as u64, Ordering::Relaxed);
                     let _ = edge.store.set_cursor(up.node_id(), &channel, pos);
                 }

@@ -131,6 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             shutdown.clone(),
         )),
         tokio::spawn(run_upstream(edge.clone(), shutdown.clone())),
+        tokio::spawn(crate::edge::run_forwarder(edge.clone(), shutdown.clone())),
         tokio::spawn(serve_http(listener, edge.clone(), shutdown.clone())),
         tokio::spawn(expire_presence(edge.clone(), shutdown.clone())),
     ];

@@ -48,6 +48,10 @@ pub struct EdgeStore {
     pub queued: Notify,
     /// Poked when the set of followed channels grows.
     pub follows_changed: Notify,
+    /// Entries in the outbox (kept in memory: checked on every post).
+    depth: std::sync::atomic::AtomicU64,
+    /// Followed channels (a memory copy of `follows`: checked on every post).
+    followed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for EdgeStore {
@@ -141,7 +145,22 @@ impl EdgeStore {
             revision: watch::channel(revision).0,
             queued: Notify::new(),
             follows_changed: Notify::new(),
+            depth: std::sync::atomic::AtomicU64::new(0),
+            followed: Mutex::new(Default::default()),
         };
+        let known = store.follows()?;
+        store
+            .followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(known);
+        let depth: i64 = store
+            .outbox()
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+            .map_err(err)?;
+        store
+            .depth
+            .store(depth as u64, std::sync::atomic::Ordering::Relaxed);
         // A crash may have lost pending copies from the cache (not fsynced):
         // every queued post shows in history again.
         for q in store.queued_after(0, usize::MAX)? {
@@ -395,6 +414,18 @@ impl EdgeStore {
 
     /// Starts keeping a channel; true if it is new.
     pub fn follow(&self, channel: &str) -> io::Result<bool> {
+        if self
+            .followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(channel)
+        {
+            return Ok(false);
+        }
+        self.followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_owned());
         let n = self
             .cache()
             .execute(
@@ -462,6 +493,8 @@ impl EdgeStore {
         )
         .and_then(|mut s| s.execute(params![channel, sender, body, idem, ts_ms]))
         .map_err(err)?;
+        self.depth
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let q = Queued {
             id: conn.last_insert_rowid() as u64,
             channel: channel.to_owned(),
@@ -526,9 +559,7 @@ impl EdgeStore {
 
     /// How many posts wait in the outbox.
     pub fn outbox_depth(&self) -> u64 {
-        self.outbox()
-            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0) as u64
+        self.depth.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queued posts the cluster accepted: leave the outbox (one fsynced
@@ -540,12 +571,16 @@ impl EdgeStore {
         {
             let mut conn = self.outbox();
             let tx = conn.transaction().map_err(err)?;
+            let mut removed = 0;
             for (id, _) in done {
-                tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                removed += tx
+                    .prepare_cached("DELETE FROM outbox WHERE id = ?1")
                     .and_then(|mut s| s.execute(params![*id as i64]))
-                    .map_err(err)?;
+                    .map_err(err)? as u64;
             }
             tx.commit().map_err(err)?;
+            self.depth
+                .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
         }
         let mut conn = self.cache();
         let tx = conn.transaction().map_err(err)?;

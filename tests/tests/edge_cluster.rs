@@ -306,10 +306,14 @@ async fn edge_serves_clients_and_works_offline() {
 
     // The edge's own audit chain reached the leader; `edge-node status` reads.
     let api = cluster.nodes[1].api.clone();
-    wait_for("the edge's login record at the leader", Duration::from_secs(20), || async {
-        let v = get_json(&api, "/v1/audit?origin=edge-1&kind=login").await?;
-        (!v["records"].as_array()?.is_empty()).then_some(())
-    })
+    wait_for(
+        "the edge's login record at the leader",
+        Duration::from_secs(20),
+        || async {
+            let v = get_json(&api, "/v1/audit?origin=edge-1&kind=login").await?;
+            (!v["records"].as_array()?.is_empty()).then_some(())
+        },
+    )
     .await;
     let out = lanmesh_tests::run(
         &lanmesh_tests::bin("edge-node"),
