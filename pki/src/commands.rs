@@ -133,7 +133,10 @@ fn issue(ca: &Ca, ca_dir: &Path, req: &LeafRequest, out: &Path, force: bool) -> 
     let info = &issued.info;
     println!(
         "Issued {} {} certificate for {name:?} in cluster {:?}, serial {}, valid until {}:",
-        if req.identity.role == lanmesh_shared::identity::Role::Operator {
+        if matches!(
+            req.identity.role,
+            lanmesh_shared::identity::Role::Operator | lanmesh_shared::identity::Role::Edge
+        ) {
             "an"
         } else {
             "a"
