@@ -103,6 +103,45 @@ async fn cores_form_a_cluster_by_mdns_and_a_fourth_joins() {
         get(&four.api, "found", false).await.as_deref(),
         Some("by-mdns")
     );
+
+    // An edge with no --upstream finds the cores by mDNS too.
+    pki.issue(lanmesh_shared::identity::Role::Edge, "edge-1");
+    let f = |n: &str| pki.dir.join(n).display().to_string();
+    let args: Vec<String> = [
+        "run",
+        "--node-id",
+        "edge-1",
+        "--cluster-id",
+        &cluster,
+        "--data-dir",
+        &tmp.path().join("edge-1").display().to_string(),
+        "--client-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--ca",
+        &f("ca.crt"),
+        "--cert",
+        &f("edge-1.crt"),
+        "--key",
+        &f("edge-1.key"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut edge = NodeProc::edge("edge-1", &tmp.path().join("edge-1"), tmp.path(), args);
+    edge.start().await;
+    let s = wait_for(
+        "the edge linked to a core found by mDNS",
+        Duration::from_secs(30),
+        || async {
+            let s = get_json(&edge.api, "/v1/status").await?;
+            (s["upstream"]["connected"] == true && s["revision"].as_u64()? > 0).then_some(s)
+        },
+    )
+    .await;
+    eprintln!("edge found {} by mDNS", s["upstream"]["node_id"]);
+    drop(edge);
     drop(nodes);
 }
 
