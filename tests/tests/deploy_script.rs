@@ -28,7 +28,8 @@ fn core(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// start → write/read across nodes → stop → start keeps data → clean.
+/// start (three cores and an edge linked to them) → write/read across nodes →
+/// stop → start keeps data → clean.
 #[test]
 fn local_cluster_script_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
@@ -48,6 +49,10 @@ fn local_cluster_script_round_trip() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("leader") && text.contains("node-3"), "{text}");
+    assert!(
+        text.contains("edge        edge-1") && text.contains("upstream    node-"),
+        "the edge links to a core: {text}"
+    );
     let api = |n: u16| format!("http://127.0.0.1:{}", base + 1000 * (n - 1));
     core(&["kv", "put", "hello", "world", "--api", &api(1)]);
     assert_eq!(core(&["kv", "get", "hello", "--api", &api(3)]), "world");
