@@ -407,3 +407,157 @@ async fn air_gapped_cluster_survives_a_partitioned_leader() {
         );
     }
 }
+
+/// A core and an edge on two hosts: the core's link is cut at the bridge (the
+/// edge sees only a dead link). Clients on the edge keep posting (queued);
+/// after the link is healed every queued post reaches the core exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_keeps_a_site_working_through_a_cut_link() {
+    use lanmesh_shared::proto::{Request, Response};
+    use lanmesh_tests::client::{all_history, endpoint, login, post};
+
+    let _one = ONE_LAN_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut net = Net::new(3);
+    let hosts: Vec<Host> = (0..2).map(|_| net.add_host()).collect();
+    let cluster = format!("site-{}", std::process::id());
+    let pki_dir = tmp.path().join("pki");
+    std::fs::create_dir_all(&pki_dir).unwrap();
+    let pki = Pki::new(&pki_dir, &cluster);
+    let admin = operator_client(&pki);
+
+    let mut core = NodeProc::new(
+        "node-1",
+        &tmp.path().join("node-1"),
+        tmp.path(),
+        args(&pki, tmp.path(), &cluster, "node-1", &hosts[0], &[]),
+    )
+    .in_netns(&hosts[0].ns);
+    core.start().await;
+    for (path, body) in [
+        ("/v1/users", r#"{"name":"alice","password":"pw"}"#),
+        ("/v1/channels", r#"{"name":"ops"}"#),
+    ] {
+        wait_for("an admin write", Duration::from_secs(20), || {
+            let (admin, api) = (admin.clone(), core.api.clone());
+            async move {
+                let (s, _) = admin
+                    .request(Method::POST, &api, path, body.as_bytes().to_vec())
+                    .await
+                    .ok()?;
+                (s == StatusCode::CREATED).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pki.issue(Role::Edge, "edge-1");
+    let ip = hosts[1].ip;
+    let f = |n: &str| pki.dir.join(n).display().to_string();
+    let edge_args: Vec<String> = [
+        "run",
+        "--node-id",
+        "edge-1",
+        "--cluster-id",
+        &cluster,
+        "--data-dir",
+        &tmp.path().join("edge-1").display().to_string(),
+        "--client-addr",
+        &format!("{ip}:0"),
+        "--http-addr",
+        &format!("{ip}:0"),
+        "--upstream",
+        &core.client.unwrap().to_string(),
+        "--ca",
+        &f("ca.crt"),
+        "--cert",
+        &f("edge-1.crt"),
+        "--key",
+        &f("edge-1.key"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut edge = NodeProc::edge("edge-1", &tmp.path().join("edge-1"), tmp.path(), edge_args)
+        .in_netns(&hosts[1].ns);
+    edge.start().await;
+    let plain = HttpClient::new(None, Some(Duration::from_secs(5)));
+    let linked = |want: bool| {
+        let (plain, url) = (plain.clone(), edge.api.clone());
+        async move {
+            let (_, body) = plain
+                .request(Method::GET, &url, "/v1/status", Vec::new())
+                .await
+                .ok()?;
+            let s: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            (s["upstream"]["connected"] == want && s["revision"].as_u64()? > 0).then_some(())
+        }
+    };
+    wait_for(
+        "the edge linked across hosts",
+        Duration::from_secs(30),
+        || linked(true),
+    )
+    .await;
+
+    let at_edge = edge.client.unwrap();
+    let alice = login(
+        &endpoint(&pki, &cluster, None, at_edge),
+        at_edge,
+        "alice",
+        "pw",
+    )
+    .await;
+    alice.request(&post("ops", "on", "online")).await.unwrap();
+
+    let cut = Instant::now();
+    net.cut(&hosts[0]);
+    wait_for(
+        "the edge to notice the cut",
+        Duration::from_secs(20),
+        || linked(false),
+    )
+    .await;
+    eprintln!("edge noticed the cut after {:?}", cut.elapsed());
+    for i in 0..5 {
+        let r = alice
+            .request(&post("ops", &format!("cut-{i}"), &format!("cut {i}")))
+            .await
+            .unwrap();
+        assert!(matches!(r, Response::Posted { pending: true, .. }), "{r:?}");
+    }
+    let Response::Pending(p) = alice.request(&Request::Pending).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(p.len(), 5);
+
+    net.heal(&hosts[0]);
+    wait_for("the edge linked again", Duration::from_secs(30), || {
+        linked(true)
+    })
+    .await;
+    let at_core = core.client.unwrap();
+    let reader = login(
+        &endpoint(&pki, &cluster, None, at_core),
+        at_core,
+        "alice",
+        "pw",
+    )
+    .await;
+    wait_for(
+        "every post on the core, once",
+        Duration::from_secs(20),
+        || async {
+            let h = all_history(&reader, "ops").await;
+            let bodies: Vec<String> = h
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+                .collect();
+            let unique: std::collections::BTreeSet<_> = bodies.iter().collect();
+            (bodies.len() == 6 && unique.len() == 6).then_some(())
+        },
+    )
+    .await;
+    drop(edge);
+    drop(core);
+}
