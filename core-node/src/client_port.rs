@@ -500,13 +500,31 @@ async fn edge_audit(
     records: Vec<lanmesh_shared::proto::AuditRecord>,
 ) -> Result<Response, ErrorFrame> {
     let s = edge_session(node, session)?;
-    if records.iter().any(|r| r.origin != s.subject) {
+    // An edge ships its own chain and, as a relay, those of the edges behind
+    // it; never a core's (the leader also checks every link of a chain).
+    let cores: std::collections::HashSet<String> = node
+        .other_cores()
+        .into_iter()
+        .map(|(id, _)| id.0)
+        .chain(std::iter::once(node.id().to_owned()))
+        .collect();
+    if let Some(r) = records.iter().find(|r| cores.contains(&r.origin)) {
         return Err(ErrorFrame::new(
             ErrorCode::Forbidden,
-            "an edge ships only its own audit chain",
+            format!("an edge cannot ship the audit chain of core {}", r.origin),
         ));
     }
-    match node.collect_audit_anywhere(&s.subject, records).await {
+    let origin = records
+        .first()
+        .map(|r| r.origin.clone())
+        .unwrap_or_else(|| s.subject.clone());
+    if records.iter().any(|r| r.origin != origin) {
+        return Err(ErrorFrame::new(
+            ErrorCode::Malformed,
+            "one EdgeAudit carries one chain",
+        ));
+    }
+    match node.collect_audit_anywhere(&origin, records).await {
         Ok(upto) => Ok(Response::AuditUpto(upto)),
         Err(e) => Err(write_error(e)),
     }

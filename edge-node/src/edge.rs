@@ -394,7 +394,7 @@ async fn feed(edge: Arc<Edge>, up: Up, stop: CancellationToken) {
         };
         match answer {
             Ok(Ok(Response::Changes(set))) => {
-                if set.revision != from || set.full {
+                if set.revision != 0 && (set.revision != from || set.full) {
                     if let Err(e) = edge.store.apply_changes(&set) {
                         tracing::error!(error = %e, "cannot store registry changes");
                     } else {
@@ -587,22 +587,20 @@ async fn follow(edge: Arc<Edge>, up: Up, channel: String, stop: CancellationToke
 }
 
 async fn ship_audit(edge: Arc<Edge>, up: Up, stop: CancellationToken) {
-    let mut upto: Option<u64> = None;
+    // Start from the beginning of the chain on every link: the leader skips
+    // what it has and answers how far it holds the chain.
+    let mut upto = 0u64;
     loop {
-        let records = match upto {
-            None => Vec::new(),
-            Some(n) => edge.audit.local_after(n, 500).unwrap_or_default(),
-        };
-        if upto.is_some() && records.is_empty() {
+        let records = edge.audit.local_after(upto, 500).unwrap_or_default();
+        if records.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
             }
         }
         match up.client.request(&Request::EdgeAudit { records }).await {
-            Ok(Response::AuditUpto(n)) => upto = Some(n),
+            Ok(Response::AuditUpto(n)) => upto = n,
             Ok(_) | Err(_) => {
-                upto = None;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -414,7 +414,13 @@ async fn handle(
                 let mut rx = edge.store.revision_changes();
                 let deadline = tokio::time::Instant::now()
                     + std::time::Duration::from_millis(wait_ms.min(30_000));
-                while *rx.borrow_and_update() <= from && *rx.borrow() != 0 {
+                // Answer once there is something newer than `from` (and
+                // never an unsynced, empty cache).
+                loop {
+                    let rev = *rx.borrow_and_update();
+                    if rev > from && rev != 0 {
+                        break;
+                    }
                     if tokio::time::timeout_at(deadline, rx.changed())
                         .await
                         .is_err()

@@ -474,6 +474,17 @@ async fn relay_chain_reaches_the_cores_and_works_offline() {
         },
     )
     .await;
+    // edge-b's own audit chain reached the leader through the relay.
+    let api = cluster.nodes[0].api.clone();
+    wait_for(
+        "edge-b's login record at the leader",
+        Duration::from_secs(20),
+        || async {
+            let v = get_json(&api, "/v1/audit?origin=edge-b&kind=login").await?;
+            (!v["records"].as_array()?.is_empty()).then_some(())
+        },
+    )
+    .await;
 }
 
 /// The edge link takes edge certificates only: a client certificate is
