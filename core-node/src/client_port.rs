@@ -72,27 +72,11 @@ pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>, shutdown: Cancell
     .await;
 }
 
-/// Which certificates each protocol on the client port takes: the client
-/// protocol takes `client`/`operator` certificates or none; the edge link
-/// (`lanmesh-edge/1`) takes `edge`/`core` certificates only.
+/// Which certificates each protocol on the client port takes: the edge
+/// link takes `edge` and `core` certificates (see `proto::admit`).
 pub fn admit(conn: &quinn::Connection, peer: Option<&Identity>) -> Result<(), String> {
     use lanmesh_shared::identity::Role;
-    let role = peer.map(|p| p.role);
-    match link::alpn(conn).as_deref() {
-        Some(p) if p == lanmesh_shared::tls::ALPN_EDGE => match role {
-            Some(Role::Edge | Role::Core) => Ok(()),
-            Some(r) => Err(format!(
-                "a {r} certificate is not permitted on the edge link"
-            )),
-            None => Err("the edge link needs an edge certificate".into()),
-        },
-        _ => match role {
-            None | Some(Role::Client | Role::Operator) => Ok(()),
-            Some(r) => Err(format!(
-                "a {r} certificate is not permitted on the client protocol"
-            )),
-        },
-    }
+    lanmesh_shared::proto::admit(conn, peer, &[Role::Edge, Role::Core])
 }
 
 async fn connection(
@@ -139,7 +123,7 @@ async fn connection(
         conn.close(CLOSE_NEGOTIATION.into(), b"version negotiation failed");
         return;
     }
-    let serial = peer_serial(&conn);
+    let serial = link::peer_serial(&conn);
     let session = Arc::new(Mutex::new(peer.map(|id| Session {
         subject: id.name,
         role: id.role.to_string(),
@@ -293,18 +277,6 @@ fn logged_in(node: &Node, session: &Mutex<Option<Session>>) -> Result<Session, E
         ));
     }
     Ok(s)
-}
-
-/// The serial of the peer's certificate, if it presented one.
-fn peer_serial(conn: &quinn::Connection) -> Option<String> {
-    let chain = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    let leaf = chain.first()?;
-    lanmesh_shared::identity::CertInfo::from_der(leaf)
-        .ok()
-        .map(|i| i.serial)
 }
 
 /// How a channel's messages are replicated.
@@ -530,9 +502,6 @@ async fn edge_audit(
     }
 }
 
-/// Most pushed messages queued before a flush.
-const PUSH_BATCH: usize = 256;
-
 /// Serves one subscription: `Subscribed`, then every new message of the
 /// channel on this stream until the client goes away.
 async fn subscription(
@@ -549,85 +518,26 @@ async fn subscription(
         let _ = out.send(&Response::Error(e)).await;
         return;
     }
-    if out.send(&Response::Subscribed).await.is_err() {
-        return;
-    }
-    loop {
-        match live.recv().await {
-            Ok(m) if m.channel == channel => {
-                // Queue what else is already waiting, then flush once.
-                if out.feed_message(&m).await.is_err() {
-                    return;
-                }
-                for _ in 0..PUSH_BATCH {
-                    match live.try_recv() {
-                        Ok(m) if m.channel == channel => {
-                            if out.feed_message(&m).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-                if out.flush().await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                let e = ErrorFrame::new(
-                    ErrorCode::Unavailable,
-                    format!("subscriber too slow: {n} messages skipped; read them with History"),
-                );
-                if out.send(&Response::Error(e)).await.is_err() {
-                    return;
-                }
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
+    if out.send(&Response::Subscribed).await.is_ok() {
+        lanmesh_shared::proto::push_messages(&mut out, &mut live, channel).await;
     }
 }
 
-/// Serves a presence subscription: `Subscribed`, everyone present now (as
-/// `PresenceChanged` online frames), then every change.
+/// Serves a presence subscription: `Subscribed`, everyone present now, then
+/// every change.
 async fn presence_subscription(
     send: &mut quinn::SendStream,
     node: &Node,
     session: &Mutex<Option<Session>>,
 ) {
-    let mut live = node.presence().subscribe();
+    let live = node.presence().subscribe();
     let mut out = FrameWriter::new(send);
     if let Err(e) = logged_in(node, session) {
         let _ = out.send(&Response::Error(e)).await;
         return;
     }
-    if out.send(&Response::Subscribed).await.is_err() {
-        return;
-    }
-    for entry in node.presence().who() {
-        let frame = Response::PresenceChanged {
-            entry,
-            online: true,
-        };
-        if out.send(&frame).await.is_err() {
-            return;
-        }
-    }
-    loop {
-        let frame = match live.recv().await {
-            Ok((entry, online)) => Response::PresenceChanged { entry, online },
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                Response::Error(ErrorFrame::new(
-                    ErrorCode::Unavailable,
-                    format!("subscriber too slow: {n} presence changes skipped; ask Who"),
-                ))
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        if out.send(&frame).await.is_err() {
-            return;
-        }
+    if out.send(&Response::Subscribed).await.is_ok() {
+        crate::presence::push_changes(&mut out, node.presence(), live).await;
     }
 }
 

@@ -84,7 +84,8 @@ impl std::fmt::Debug for MessageStore {
     }
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+/// A [`Message`] from a row selected with [`COLUMNS`] (first).
+pub fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     Ok(Message {
         pos: r.get::<_, i64>(0)? as u64,
         origin: r.get(1)?,
@@ -96,7 +97,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
-const COLUMNS: &str = "pos, origin, seq, channel, sender, ts_ms, body";
+/// The message columns [`row`] reads, in order.
+pub const COLUMNS: &str = "pos, origin, seq, channel, sender, ts_ms, body";
 
 fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64

@@ -186,6 +186,40 @@ impl Presence {
     }
 }
 
+/// The body of a presence subscription, after `Subscribed`: everyone present
+/// now (as `PresenceChanged` online frames), then every change from `live`
+/// (taken before the snapshot, so nothing falls in between).
+pub async fn push_changes(
+    out: &mut lanmesh_shared::proto::FrameWriter<'_>,
+    presence: &Presence,
+    mut live: broadcast::Receiver<Change>,
+) {
+    use lanmesh_shared::proto::{ErrorCode, ErrorFrame, Response};
+    use tokio::sync::broadcast::error::RecvError;
+    for entry in presence.who() {
+        let frame = Response::PresenceChanged {
+            entry,
+            online: true,
+        };
+        if out.send(&frame).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let frame = match live.recv().await {
+            Ok((entry, online)) => Response::PresenceChanged { entry, online },
+            Err(RecvError::Lagged(n)) => Response::Error(ErrorFrame::new(
+                ErrorCode::Unavailable,
+                format!("subscriber too slow: {n} presence changes skipped; ask Who"),
+            )),
+            Err(RecvError::Closed) => return,
+        };
+        if out.send(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Expires entries and shares this node's table with the other cores until
 /// `shutdown`.
 pub async fn run(node: Arc<Node>, shutdown: CancellationToken) {

@@ -36,24 +36,9 @@ struct Session {
 }
 
 /// Which certificates each protocol takes here: clients (or none) on the
-/// client protocol, edges on the edge link.
+/// client protocol, edges relaying through this one on the edge link.
 fn admit(conn: &quinn::Connection, peer: Option<&Identity>) -> Result<(), String> {
-    let role = peer.map(|p| p.role);
-    match link::alpn(conn).as_deref() {
-        Some(p) if p == lanmesh_shared::tls::ALPN_EDGE => match role {
-            Some(Role::Edge) => Ok(()),
-            Some(r) => Err(format!(
-                "a {r} certificate is not permitted on the edge link"
-            )),
-            None => Err("the edge link needs an edge certificate".into()),
-        },
-        _ => match role {
-            None | Some(Role::Client | Role::Operator) => Ok(()),
-            Some(r) => Err(format!(
-                "a {r} certificate is not permitted on the client protocol"
-            )),
-        },
-    }
+    lanmesh_shared::proto::admit(conn, peer, &[Role::Edge])
 }
 
 /// Serves the client port until `shutdown`.
@@ -83,16 +68,6 @@ pub async fn serve(endpoint: quinn::Endpoint, edge: Arc<Edge>, shutdown: Cancell
         },
     )
     .await;
-}
-
-fn peer_serial(conn: &quinn::Connection) -> Option<String> {
-    let chain = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    lanmesh_shared::identity::CertInfo::from_der(chain.first()?)
-        .ok()
-        .map(|i| i.serial)
 }
 
 async fn connection(
@@ -134,7 +109,7 @@ async fn connection(
         conn.close(0x4c10u32.into(), b"version negotiation failed");
         return;
     }
-    let serial = peer_serial(&conn);
+    let serial = link::peer_serial(&conn);
     let session = Arc::new(Mutex::new(peer.map(|id| Session {
         subject: id.name,
         role: id.role.to_string(),
@@ -554,36 +529,8 @@ async fn subscription(
         return;
     }
     ensure_followed(edge, channel).await;
-    if out.send(&Response::Subscribed).await.is_err() {
-        return;
-    }
-    loop {
-        match live.recv().await {
-            Ok(m) if m.channel == channel => {
-                if out.feed_message(&m).await.is_err() {
-                    return;
-                }
-                while let Ok(m) = live.try_recv() {
-                    if m.channel == channel && out.feed_message(&m).await.is_err() {
-                        return;
-                    }
-                }
-                if out.flush().await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                let e = ErrorFrame::new(
-                    ErrorCode::Unavailable,
-                    format!("subscriber too slow: {n} messages skipped; read them with History"),
-                );
-                if out.send(&Response::Error(e)).await.is_err() {
-                    return;
-                }
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
+    if out.send(&Response::Subscribed).await.is_ok() {
+        lanmesh_shared::proto::push_messages(&mut out, &mut live, channel).await;
     }
 }
 
@@ -592,34 +539,13 @@ async fn presence_subscription(
     edge: &Edge,
     session: &Mutex<Option<Session>>,
 ) {
-    let mut live = edge.presence.subscribe();
+    let live = edge.presence.subscribe();
     let mut out = FrameWriter::new(send);
     if let Err(e) = logged_in(edge, session) {
         let _ = out.send(&Response::Error(e)).await;
         return;
     }
-    if out.send(&Response::Subscribed).await.is_err() {
-        return;
-    }
-    for entry in edge.presence.who() {
-        if out
-            .send(&Response::PresenceChanged {
-                entry,
-                online: true,
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-    while let Ok((entry, online)) = live.recv().await {
-        if out
-            .send(&Response::PresenceChanged { entry, online })
-            .await
-            .is_err()
-        {
-            return;
-        }
+    if out.send(&Response::Subscribed).await.is_ok() {
+        core_node::presence::push_changes(&mut out, &edge.presence, live).await;
     }
 }

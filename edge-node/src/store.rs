@@ -75,19 +75,7 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-const COLUMNS: &str = "pos, origin, seq, channel, sender, ts_ms, body";
-
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
-    Ok(Message {
-        pos: r.get::<_, i64>(0)? as u64,
-        origin: r.get(1)?,
-        seq: r.get::<_, i64>(2)? as u64,
-        channel: r.get(3)?,
-        sender: r.get(4)?,
-        ts_ms: r.get(5)?,
-        body: r.get(6)?,
-    })
-}
+use core_node::messages::{COLUMNS, row};
 
 fn err(e: rusqlite::Error) -> io::Error {
     io::Error::other(e)

@@ -296,6 +296,17 @@ pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .protocol
 }
 
+/// The serial of the certificate the peer presented, if any.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::identity::CertInfo::from_der(chain.first()?)
+        .ok()
+        .map(|i| i.serial)
+}
+
 /// [`accept`] with an admission check.
 pub async fn accept_admitting(
     incoming: quinn::Incoming,

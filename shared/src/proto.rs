@@ -684,6 +684,81 @@ impl Subscription {
     }
 }
 
+/// The admission rule of a client port (see `link::accept_admitting`): the
+/// client protocol takes `client`/`operator` certificates or none; the edge
+/// link (`lanmesh-edge/1`) takes only certificates of `edge_link_roles`.
+pub fn admit(
+    conn: &quinn::Connection,
+    peer: Option<&crate::identity::Identity>,
+    edge_link_roles: &[crate::identity::Role],
+) -> Result<(), String> {
+    use crate::identity::Role;
+    let role = peer.map(|p| p.role);
+    match link::alpn(conn).as_deref() {
+        Some(p) if p == crate::tls::ALPN_EDGE => match role {
+            Some(r) if edge_link_roles.contains(&r) => Ok(()),
+            Some(r) => Err(format!(
+                "a {r} certificate is not permitted on the edge link"
+            )),
+            None => Err("the edge link needs an edge certificate".into()),
+        },
+        _ => match role {
+            None | Some(Role::Client | Role::Operator) => Ok(()),
+            Some(r) => Err(format!(
+                "a {r} certificate is not permitted on the client protocol"
+            )),
+        },
+    }
+}
+
+/// Most pushed messages queued before a flush.
+const PUSH_BATCH: usize = 256;
+
+/// The body of a channel subscription, after `Subscribed`: every message of
+/// `channel` from `live`, flushed a burst at a time, until the client goes
+/// away. A subscriber that falls behind is told (`Unavailable`) and goes on.
+pub async fn push_messages(
+    out: &mut FrameWriter<'_>,
+    live: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<Message>>,
+    channel: &str,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match live.recv().await {
+            Ok(m) if m.channel == channel => {
+                if out.feed_message(&m).await.is_err() {
+                    return;
+                }
+                for _ in 0..PUSH_BATCH {
+                    match live.try_recv() {
+                        Ok(m) if m.channel == channel => {
+                            if out.feed_message(&m).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                if out.flush().await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => {
+                let e = ErrorFrame::new(
+                    ErrorCode::Unavailable,
+                    format!("subscriber too slow: {n} messages skipped; read them with History"),
+                );
+                if out.send(&Response::Error(e)).await.is_err() {
+                    return;
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Sends `req` on a new bidirectional stream and reads the answer.
 pub async fn call(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
     let (mut send, mut recv) = conn.open_bi().await?;
