@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use lanmesh_shared::identity::Identity;
 use lanmesh_shared::link;
 use lanmesh_shared::proto::{
-    ErrorCode, ErrorFrame, FrameError, FrameWriter, PostResult, Request, Response, VERSIONS,
-    read_frame, write_frame,
+    ErrorCode, ErrorFrame, FrameError, FrameWriter, PostResult, Request, Response, read_frame,
+    write_frame,
 };
 use lanmesh_shared::token::{self, Claims};
 use tokio_util::sync::CancellationToken;
@@ -39,9 +39,6 @@ struct Session {
     /// Serial of the client certificate, for a certificate login.
     serial: Option<String>,
 }
-
-/// Application close code: the client failed version negotiation.
-const CLOSE_NEGOTIATION: u32 = 0x4c10;
 
 /// Serves the client port until `shutdown` fires.
 pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>, shutdown: CancellationToken) {
@@ -86,41 +83,7 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let remote = conn.remote_address();
-    // Version negotiation on the first stream.
-    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-        return;
-    };
-    let answer = match read_frame::<Request>(&mut recv).await {
-        Ok(Request::Hello { versions, client }) => {
-            match versions.iter().filter(|v| VERSIONS.contains(v)).max() {
-                Some(v) => {
-                    tracing::debug!(%remote, client = %client, version = v, "client connected");
-                    Ok(Response::Hello {
-                        version: *v,
-                        node_id: node.id().to_owned(),
-                        cluster_id: node.config().cluster_id.clone(),
-                    })
-                }
-                None => Err(ErrorFrame::new(
-                    ErrorCode::UnsupportedVersion,
-                    format!(
-                        "this node speaks versions {VERSIONS:?}, the client offered {versions:?}"
-                    ),
-                )),
-            }
-        }
-        Ok(_) => Err(ErrorFrame::new(
-            ErrorCode::HelloRequired,
-            "the first request of a connection must be Hello",
-        )),
-        Err(e) => Err(e.to_error_frame()),
-    };
-    let ok = answer.is_ok();
-    let _ = write_frame(&mut send, &answer.unwrap_or_else(Response::Error)).await;
-    if !ok {
-        // Let the error frame reach the client before closing.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
-        conn.close(CLOSE_NEGOTIATION.into(), b"version negotiation failed");
+    if !lanmesh_shared::proto::negotiate(&conn, node.id(), &node.config().cluster_id).await {
         return;
     }
     let serial = link::peer_serial(&conn);

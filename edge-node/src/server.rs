@@ -21,7 +21,7 @@ use lanmesh_shared::identity::{Identity, Role};
 use lanmesh_shared::link;
 use lanmesh_shared::proto::{
     EdgePostItem, ErrorCode, ErrorFrame, FrameError, FrameWriter, PostResult, Request, Response,
-    VERSIONS, read_frame, write_frame,
+    read_frame, write_frame,
 };
 use lanmesh_shared::token;
 use tokio_util::sync::CancellationToken;
@@ -77,36 +77,8 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let remote = conn.remote_address();
-    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-        return;
-    };
-    let answer = match read_frame::<Request>(&mut recv).await {
-        Ok(Request::Hello { versions, .. }) => {
-            match versions.iter().filter(|v| VERSIONS.contains(v)).max() {
-                Some(v) => Ok(Response::Hello {
-                    version: *v,
-                    node_id: edge.config.node_id.clone(),
-                    cluster_id: edge.config.cluster_id.clone(),
-                }),
-                None => Err(ErrorFrame::new(
-                    ErrorCode::UnsupportedVersion,
-                    format!(
-                        "this edge speaks versions {VERSIONS:?}, the client offered {versions:?}"
-                    ),
-                )),
-            }
-        }
-        Ok(_) => Err(ErrorFrame::new(
-            ErrorCode::HelloRequired,
-            "the first request of a connection must be Hello",
-        )),
-        Err(e) => Err(e.to_error_frame()),
-    };
-    let ok = answer.is_ok();
-    let _ = write_frame(&mut send, &answer.unwrap_or_else(Response::Error)).await;
-    if !ok {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
-        conn.close(0x4c10u32.into(), b"version negotiation failed");
+    if !lanmesh_shared::proto::negotiate(&conn, &edge.config.node_id, &edge.config.cluster_id).await
+    {
         return;
     }
     let serial = link::peer_serial(&conn);

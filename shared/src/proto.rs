@@ -711,6 +711,53 @@ pub fn admit(
     }
 }
 
+/// Application close code: the client failed version negotiation.
+pub const CLOSE_NEGOTIATION: u32 = 0x4c10;
+
+/// The server side of version negotiation: reads the `Hello` on the
+/// connection's first stream and answers it as `node_id` of `cluster_id`.
+/// On failure (no common version, another request first, a bad frame) the
+/// client gets the typed error and the connection is closed; returns
+/// whether the connection may go on.
+pub async fn negotiate(conn: &quinn::Connection, node_id: &str, cluster_id: &str) -> bool {
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+        return false;
+    };
+    let answer = match read_frame::<Request>(&mut recv).await {
+        Ok(Request::Hello { versions, client }) => {
+            match versions.iter().filter(|v| VERSIONS.contains(v)).max() {
+                Some(v) => {
+                    tracing::debug!(remote = %conn.remote_address(), client = %client, version = v, "client connected");
+                    Ok(Response::Hello {
+                        version: *v,
+                        node_id: node_id.to_owned(),
+                        cluster_id: cluster_id.to_owned(),
+                    })
+                }
+                None => Err(ErrorFrame::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "{node_id} speaks versions {VERSIONS:?}, the client offered {versions:?}"
+                    ),
+                )),
+            }
+        }
+        Ok(_) => Err(ErrorFrame::new(
+            ErrorCode::HelloRequired,
+            "the first request of a connection must be Hello",
+        )),
+        Err(e) => Err(e.to_error_frame()),
+    };
+    let ok = answer.is_ok();
+    let _ = write_frame(&mut send, &answer.unwrap_or_else(Response::Error)).await;
+    if !ok {
+        // Let the error frame reach the client before closing.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+        conn.close(CLOSE_NEGOTIATION.into(), b"version negotiation failed");
+    }
+    ok
+}
+
 /// Most pushed messages queued before a flush.
 const PUSH_BATCH: usize = 256;
 
